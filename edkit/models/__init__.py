@@ -1,0 +1,1 @@
+"""Flax NNX modules: thickness models and the hybrid model."""

@@ -1,0 +1,1 @@
+"""Pure JAX physics: constants, scattering, structure factors, geometry, Bloch-wave solvers."""

@@ -1,0 +1,1 @@
+"""Losses, figures of merit, refinable parameters and the Refinement driver."""

@@ -1,0 +1,19 @@
+"""Test set-up: float64 physics, strict rank promotion (style.md §8)."""
+
+from pathlib import Path
+
+import jax
+import pytest
+
+# Physics is validated in float64; edkit's public entry points scope x64 themselves, the tests
+# also call the pure kernels directly, so they need it on globally.
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+DATA = Path(__file__).resolve().parents[1] / "edkit" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The package's bundled data folder (structures/, pets/)."""
+    return DATA
