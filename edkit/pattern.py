@@ -109,10 +109,14 @@ def make_pattern_model(
 def _check_pattern_inputs(zone_axis, thickness, voltage, g_max, sg_max, absorption):
     axis = np.asarray(zone_axis, dtype=float)
     if axis.shape != (3,) or not np.all(np.isfinite(axis)) or not np.any(axis):
-        raise EdkitError(f"zone_axis = {zone_axis!r}: expected three finite numbers [u, v, w], not all 0")
+        raise EdkitError(
+            f"zone_axis = {zone_axis!r}: expected three finite numbers [u, v, w], not all 0"
+        )
     t = np.atleast_1d(np.asarray(thickness, dtype=float))
     if t.ndim != 1 or t.size == 0 or not np.all(np.isfinite(t)) or np.any(t < 0):
-        raise EdkitError(f"thickness = {thickness!r}: expected a scalar or 1-D array of finite Å ≥ 0")
+        raise EdkitError(
+            f"thickness = {thickness!r}: expected a scalar or 1-D array of finite Å ≥ 0"
+        )
     for name, value in (("voltage", voltage), ("g_max", g_max), ("sg_max", sg_max)):
         if not (np.isfinite(value) and value > 0):
             raise EdkitError(f"{name} = {value!r}: expected a positive number")

@@ -185,7 +185,9 @@ def propagate_expm(b: jax.Array, thickness: jax.Array) -> jax.Array:
     return jax.lax.map(lambda t: jax.scipy.linalg.expm(1j * t * b)[:, 0], thickness)
 
 
-def propagate_perturbative(b: jax.Array, b_absorptive: jax.Array, thickness: jax.Array) -> jax.Array:
+def propagate_perturbative(
+    b: jax.Array, b_absorptive: jax.Array, thickness: jax.Array
+) -> jax.Array:
     """First-order absorption in the Hermitian eigenbasis: λ_j = v_j + i (Cᴴ B' C)_jj.
 
     An approximation (science.md §10: a few per cent in intensity when A' is 1 % of U, tens of
