@@ -54,37 +54,42 @@ def main() -> None:
     print(f"{'N':>5} {'edkit fwd ms':>13} {'LAPACK eigh ms':>15} {'fwd/LAPACK':>11} "
           f"{'v&g ms':>9} {'v&g/fwd':>8}")  # fmt: skip
     for n in args.sizes:
-        batch = max(2, (8 if args.quick else 32) * 64 // n)
-        repeats = 2 if args.quick else 3
-        s, g_normal, u = beam_sets(n, batch)
-        weights = jnp.linspace(1.0, 2.0, n)
+        bench_size(n, k_mag, thickness, args.quick)
 
-        def one(si, gi, u_scale):
-            intensities = bloch.bloch_intensities(si, gi, u * u_scale, k_mag, thickness)
-            return jnp.sum(intensities * weights[None, :])
 
-        forward = jax.jit(lambda: jax.lax.map(lambda x: one(x[0], x[1], 1.0), (s, g_normal)))
-        value_and_grad = jax.jit(
-            lambda: jax.lax.map(
-                lambda x: jax.value_and_grad(one, argnums=(0, 2))(x[0], x[1], 1.0), (s, g_normal)
-            )
+def bench_size(n: int, k_mag: float, thickness: jax.Array, quick: bool) -> None:
+    """Time one beam count N and print its table row."""
+    batch = max(2, (8 if quick else 32) * 64 // n)
+    repeats = 2 if quick else 3
+    s, g_normal, u = beam_sets(n, batch)
+    weights = jnp.linspace(1.0, 2.0, n)
+
+    def one(si, gi, u_scale):
+        intensities = bloch.bloch_intensities(si, gi, u * u_scale, k_mag, thickness)
+        return jnp.sum(intensities * weights[None, :])
+
+    forward = jax.jit(lambda: jax.lax.map(lambda x: one(x[0], x[1], 1.0), (s, g_normal)))
+    value_and_grad = jax.jit(
+        lambda: jax.lax.map(
+            lambda x: jax.value_and_grad(one, argnums=(0, 2))(x[0], x[1], 1.0), (s, g_normal)
         )
-        jax.block_until_ready(forward())
-        jax.block_until_ready(value_and_grad())
-        t_forward = best_time(forward, repeats) / batch
-        t_grad = best_time(value_and_grad, repeats) / batch
+    )
+    jax.block_until_ready(forward())
+    jax.block_until_ready(value_and_grad())
+    t_forward = best_time(forward, repeats) / batch
+    t_grad = best_time(value_and_grad, repeats) / batch
 
-        scale = np.pi / k_mag
-        matrices = [
-            np.asarray(scale * bloch.structure_matrix(s[i], 1.0 / np.sqrt(1 + g_normal[i] / k_mag),
-                                                      u, k_mag))
-            for i in range(batch)
-        ]  # fmt: skip
-        t_lapack = best_time(lambda: [np.linalg.eigh(m) for m in matrices], repeats) / batch
-        print(
-            f"{n:5d} {t_forward * 1e3:13.2f} {t_lapack * 1e3:15.2f} {t_forward / t_lapack:11.2f} "
-            f"{t_grad * 1e3:9.2f} {t_grad / t_forward:8.2f}"
-        )
+    scale = np.pi / k_mag
+    matrices = [
+        np.asarray(scale * bloch.structure_matrix(s[i], 1.0 / np.sqrt(1 + g_normal[i] / k_mag),
+                                                  u, k_mag))
+        for i in range(batch)
+    ]  # fmt: skip
+    t_lapack = best_time(lambda: [np.linalg.eigh(m) for m in matrices], repeats) / batch
+    print(
+        f"{n:5d} {t_forward * 1e3:13.2f} {t_lapack * 1e3:15.2f} {t_forward / t_lapack:11.2f} "
+        f"{t_grad * 1e3:9.2f} {t_grad / t_forward:8.2f}"
+    )
 
 
 if __name__ == "__main__":

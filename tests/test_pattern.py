@@ -195,7 +195,9 @@ def test_gradients_match_finite_differences(name, axis, absorption, quartz, pyri
     weights = jnp.linspace(1.0, 3.0, len(model.hkl))
     thickness0 = jnp.array([150.0, 420.0])
 
-    def loss(p, thickness=thickness0, zone=jnp.asarray(axis, dtype=float)):
+    zone0 = jnp.asarray(axis, dtype=float)
+
+    def loss(p, thickness=thickness0, zone=zone0):
         return jnp.sum(model.intensities(p, thickness, zone) * weights[None, :])
 
     if name == "pyrite":
