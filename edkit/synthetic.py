@@ -158,7 +158,7 @@ def rotation_series(
     ub_matrix = np.linalg.inv(real) if value["ub"] is None else np.asarray(value["ub"], float)
     if ub_matrix.shape != (3, 3) or not np.all(np.isfinite(ub_matrix)):
         raise EdkitError(f"rotation_series: ub = {value['ub']!r}; expected a finite (3, 3) matrix")
-    if abs(np.linalg.det(ub_matrix)) < 1e-12 * np.abs(ub_matrix).max() ** 3:
+    if not abs(np.linalg.det(ub_matrix)) > 1e-12 * np.abs(ub_matrix).max() ** 3:
         raise EdkitError("rotation_series: ub is singular; expected UB = U·B (Å⁻¹)")
     n = value["n_frames"]
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:

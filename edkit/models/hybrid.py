@@ -66,16 +66,30 @@ class HybridModel(nnx.Module):
         self.uses_absorption = absorption is not None
         self.thickness = thickness
 
-    def structure(self, context: ForwardContext) -> StructureParams:
-        """The current structure (asymmetric unit)."""
+    def structure(
+        self,
+        context: ForwardContext,
+        positions: jax.Array | None = None,
+        adp: jax.Array | None = None,
+    ) -> StructureParams:
+        """The structure (asymmetric unit); ``positions``/``adp`` override the parameters."""
         return context.mapping.structure(
-            self.positions[...], self.adp[...], self.occupancy[...]
+            self.positions[...] if positions is None else positions,
+            self.adp[...] if adp is None else adp,
+            self.occupancy[...],
         )
 
-    def __call__(self, context: ForwardContext) -> Prediction:
+    def __call__(
+        self,
+        context: ForwardContext,
+        positions: jax.Array | None = None,
+        adp: jax.Array | None = None,
+    ) -> Prediction:
+        """Predict every reflection; ``positions``/``adp`` (coefficients) override the
+        parameters without mutating them (for Jacobians taken inside a transform)."""
         values, weights = self.thickness(context.features)
         stack = frame_intensity_stack(
-            self.structure(context),
+            self.structure(context, positions, adp),
             context.tables,
             context.setup,
             values,
