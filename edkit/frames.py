@@ -190,8 +190,13 @@ def build_frame_setup(
     for f, beams in enumerate(frame_beams):
         hkl[f, : len(beams)] = beams
         valid[f, : len(beams)] = True
-    diff = hkl[:, None, :, :] - hkl[:, :, None, :]  # h_j − h_i
-    differences, inverse = np.unique(diff.reshape(-1, 3), axis=0, return_inverse=True)
+    diff = (hkl[:, None, :, :] - hkl[:, :, None, :]).reshape(-1, 3)  # h_j − h_i
+    # One int64 key per difference: a 1-D unique is ~10× faster than unique(axis=0).
+    offset = np.abs(diff).max() + 1
+    keys = ((diff[:, 0] + offset) * (2 * offset + 1) + diff[:, 1] + offset) * (2 * offset + 1)
+    keys += diff[:, 2] + offset
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    differences = diff[first]
     coupling = inverse.reshape(hkl.shape[0], n_max, n_max).astype(np.int32)
 
     # Observed reflections: their frame, their beam, S at the frame centre and Klar's test.
@@ -208,11 +213,7 @@ def build_frame_setup(
         dtype=np.int64,
     )
     g_lab = np.einsum("rij,rj->ri", rotations[refl_frame], refl_hkl @ reciprocal)
-    excitation = excitation_errors_np(g_lab, LAB_BEAM, k_mag)
-    excitation = -(g_lab @ LAB_BEAM) - np.sum(g_lab**2, axis=1) / (2 * k_mag)
-    swept = np.hypot(g_lab[:, 1], g_lab[:, 2]) * semiangles[refl_frame]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        klar = (np.abs(excitation) < rsg * swept) & (swept - np.abs(excitation) > dsg)
+    excitation, klar = klar_selection(g_lab, semiangles[refl_frame], k_mag, rsg=rsg, dsg=dsg)
     scored = klar & (refl_beam >= 0)
     return FrameSetup(
         frame=frame_ids,
@@ -240,6 +241,34 @@ def build_frame_setup(
             "mosaicity": float(mosaicity),
         },
     )
+
+
+def klar_selection(
+    g_lab: np.ndarray,
+    semiangle: np.ndarray,
+    k_mag: float,
+    *,
+    rsg: float = DEFAULT_RSG,
+    dsg: float = DEFAULT_DSG,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Excitation error at the frame centre and Klar et al.'s selection (science.md §5).
+
+    A reflection is scored when |S_g|/ΔS < rsg and ΔS − |S_g| > dsg, with ΔS = |(g_y, g_z)|·θ
+    the excitation-error range the frame sweeps about the rotation axis (lab x).
+
+    Args:
+      g_lab: reflections' vectors in the lab frame at the frame centre, Å⁻¹, (n, 3).
+      semiangle: θ of each reflection's frame, radians, (n,).
+      k_mag: |K|, Å⁻¹.
+      rsg, dsg: selection parameters (dsg in Å⁻¹).
+
+    Returns:
+      (S_g (n,) in Å⁻¹, selected bool (n,)).
+    """
+    excitation = excitation_errors_np(g_lab, LAB_BEAM, k_mag)
+    swept = np.hypot(g_lab[:, 1], g_lab[:, 2]) * semiangle
+    selected = (np.abs(excitation) < rsg * swept) & (swept - np.abs(excitation) > dsg)
+    return excitation, selected
 
 
 def _rot_x(angle: float) -> np.ndarray:

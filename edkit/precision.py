@@ -2,15 +2,11 @@
 
 import functools
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
 
 import jax
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
-
-def x64(function: Callable[P, R]) -> Callable[P, R]:
+def x64[**P, R](function: Callable[P, R]) -> Callable[P, R]:
     """Run ``function`` inside ``jax.enable_x64(True)`` (float64/complex128 arrays)."""
 
     @functools.wraps(function)

@@ -26,12 +26,12 @@ from edkit.frames import (
     DEFAULT_SG_MAX,
     build_frame_setup,
     frame_intensity_stack,
+    klar_selection,
     thickness_nodes,
 )
 from edkit.io import schema
 from edkit.io.pets import frame_orientations
 from edkit.physics.constants import electron_wavelength, voltage_from_wavelength
-from edkit.physics.rocking import LAB_BEAM
 from edkit.structure import structure_params, structure_tables
 
 __all__ = ["make_dataset", "rotation_series"]
@@ -336,10 +336,7 @@ def make_dataset(
     frame_pos, beam_pos = np.nonzero(candidate)
     hkl = setup.hkl[frame_pos, beam_pos]
     g_lab = np.einsum("rij,rj->ri", setup.rotations[frame_pos], hkl @ reciprocal)
-    excitation = -(g_lab @ LAB_BEAM) - np.sum(g_lab**2, axis=1) / (2 * setup.wave_number)
-    swept = np.hypot(g_lab[:, 1], g_lab[:, 2]) * semiangles[frame_pos]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        klar = (np.abs(excitation) < rsg * swept) & (swept - np.abs(excitation) > dsg)
+    _, klar = klar_selection(g_lab, semiangles[frame_pos], setup.wave_number, rsg=rsg, dsg=dsg)
     if not np.any(klar):
         raise EdkitError(
             "make_dataset: no simulated beam passes Klar's selection; widen the semi-angle or g_max"

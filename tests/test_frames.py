@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import xarray as xr
 
 from edkit.errors import EdkitError
 from edkit.frames import (
@@ -26,17 +25,12 @@ from edkit.frames import (
     thickness_search,
 )
 from edkit.io.cif import read_cif
-from edkit.io.pets import read_pets
+from edkit.io.pets import read_pets, select_frames
 from edkit.physics.rocking import sub_orientation_angles
 from edkit.refine.metrics import mean_frame_r_obs
 from edkit.structure import structure_params, structure_tables
 
-
-def subset_frames(dataset: xr.Dataset, index) -> xr.Dataset:
-    """The frames ``dataset.isel(frame=index)`` together with exactly their reflections."""
-    frames = dataset.isel(frame=index)
-    keep = np.isin(dataset["frame_id"].values, frames["frame"].values)
-    return frames.isel(refl=np.flatnonzero(keep))
+subset_frames = select_frames
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import math
 import re
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -764,10 +765,23 @@ def zone_axes_lab(dataset: xr.Dataset, orientations: xr.DataArray | None = None)
     return lab / np.linalg.norm(lab, axis=1, keepdims=True)
 
 
+def select_frames(dataset: xr.Dataset, index: Any) -> xr.Dataset:
+    """The frames ``dataset.isel(frame=index)`` together with exactly their reflections.
+
+    Args:
+      dataset: from :func:`read_pets`.
+      index: positional frame selection (an int array, a boolean mask or a slice).
+    """
+    frames = dataset.isel(frame=index)
+    keep = np.isin(dataset["frame_id"].values, frames["frame"].values)
+    return frames.isel(refl=np.flatnonzero(keep))
+
+
 __all__ = [
     "cell_parameters",
     "frame_orientations",
     "read_pets",
+    "select_frames",
     "write_pets",
     "zone_axes_lab",
 ]

@@ -289,7 +289,11 @@ class Refinement:
             return self._diverged(loss)
         record = self._record(loss, val, i_calc)
         if selection_loss < self.best_loss:
-            self.best_loss, self.best_state, self.best_step = selection_loss, self.state, self.step_count
+            self.best_loss, self.best_state, self.best_step = (
+                selection_loss,
+                self.state,
+                self.step_count,
+            )
         self.state, self.opt_state = new_state, new_opt
         self.step_count += 1
         return record
@@ -466,7 +470,11 @@ class Refinement:
                 "grid_search": ("frame", self.initial_thickness, {"units": "angstrom"}),
             },
             name="thickness",
-            attrs={"units": "angstrom", "long_name": "mean thickness", "model": self.options.thickness},
+            attrs={
+                "units": "angstrom",
+                "long_name": "mean thickness",
+                "model": self.options.thickness,
+            },
         )
 
     @x64
@@ -490,7 +498,9 @@ class Refinement:
     def predict(self) -> np.ndarray:
         """I_calc (unscaled) of every reflection for the current state, (n_refl,)."""
         with jax.enable_x64(True):
-            return np.asarray(jax.jit(lambda s: nnx.merge(self.graphdef, s)(self.context).i_calc)(self.state))
+            return np.asarray(
+                jax.jit(lambda s: nnx.merge(self.graphdef, s)(self.context).i_calc)(self.state)
+            )
 
     @x64
     def simulated(self) -> xr.Dataset:
@@ -630,7 +640,11 @@ class Refinement:
         self.seconds += time.perf_counter() - start
         i_calc = self.predict()
         record = self._record(float(np.sqrt(cost / denominator)), float("nan"), i_calc)
-        self.best_loss, self.best_state, self.best_step = record["loss"], self.state, self.step_count
+        self.best_loss, self.best_state, self.best_step = (
+            record["loss"],
+            self.state,
+            self.step_count,
+        )
         self.step_count += 1
         self.messages.append(
             f"step {record['step']}: Levenberg–Marquardt, {len(wr_history)} iteration(s), "
@@ -715,7 +729,11 @@ class Refinement:
         }
         (folder / "config.json").write_text(json.dumps(config, indent=1))
         arrays = {}
-        for name, tree in (("state", self.state), ("opt", self.opt_state), ("best", self.best_state)):
+        for name, tree in (
+            ("state", self.state),
+            ("opt", self.opt_state),
+            ("best", self.best_state),
+        ):
             for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
                 arrays[f"{name}_{i}"] = np.asarray(leaf)
         np.savez(folder / "state.npz", **arrays)
@@ -775,7 +793,9 @@ class Refinement:
                 self.opt_state = _fill(self.opt_state, arrays, "opt")
                 self.best_state = _fill(self.state, arrays, "best")
             except (OSError, ValueError, KeyError) as error:
-                raise EdkitError(f"{folder / 'state.npz'}: corrupted checkpoint ({error})") from None
+                raise EdkitError(
+                    f"{folder / 'state.npz'}: corrupted checkpoint ({error})"
+                ) from None
         self.base_learning_rates = {k: float(v) for k, v in config["base_learning_rates"].items()}
         self.enabled = {k: bool(v) for k, v in config["enabled"].items()}
         self.step_count = int(config["step_count"])
@@ -796,7 +816,9 @@ def _fill(template, arrays, prefix: str):
     for i, leaf in enumerate(leaves):
         value = arrays[f"{prefix}_{i}"]
         if np.shape(value) != np.shape(leaf):
-            raise ValueError(f"array {prefix}_{i} has shape {np.shape(value)}, expected {np.shape(leaf)}")
+            raise ValueError(
+                f"array {prefix}_{i} has shape {np.shape(value)}, expected {np.shape(leaf)}"
+            )
         new.append(jnp.asarray(value, dtype=jnp.asarray(leaf).dtype))
     return jax.tree_util.tree_unflatten(treedef, new)
 
@@ -869,20 +891,28 @@ def _tuples(options: dict[str, Any]) -> dict[str, Any]:
 def _check_options(options: RefinementOptions) -> RefinementOptions:
     unknown = [g for g in options.refine if g not in GROUPS]
     if unknown:
-        raise EdkitError(f"refine = {options.refine!r}: unknown group(s) {unknown}; choose from {GROUPS}")
+        raise EdkitError(
+            f"refine = {options.refine!r}: unknown group(s) {unknown}; choose from {GROUPS}"
+        )
     if options.thickness not in THICKNESS_KINDS:
         raise EdkitError(f"thickness = {options.thickness!r}: expected one of {THICKNESS_KINDS}")
     if options.objective not in ("jana", "wr2"):
         raise EdkitError(f"objective = {options.objective!r}: expected 'jana' or 'wr2'")
-    if options.absorption is not None and not (math.isfinite(options.absorption) and options.absorption >= 0):
+    if options.absorption is not None and not (
+        math.isfinite(options.absorption) and options.absorption >= 0
+    ):
         raise EdkitError(f"absorption = {options.absorption!r}: expected κ ≥ 0 or None")
     if "absorption" in options.refine and options.absorption is None:
         raise EdkitError("refine includes 'absorption' but absorption is None; give a starting κ")
     if not 0 <= options.validation_fraction < 1:
-        raise EdkitError(f"validation_fraction = {options.validation_fraction!r}: expected 0 ≤ f < 1")
+        raise EdkitError(
+            f"validation_fraction = {options.validation_fraction!r}: expected 0 ≤ f < 1"
+        )
     bad_rates = {k: v for k, v in options.learning_rates.items() if k not in GROUPS}
     if bad_rates:
-        raise EdkitError(f"learning_rates: unknown group(s) {sorted(bad_rates)}; choose from {GROUPS}")
+        raise EdkitError(
+            f"learning_rates: unknown group(s) {sorted(bad_rates)}; choose from {GROUPS}"
+        )
     return options
 
 
