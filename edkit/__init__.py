@@ -1,6 +1,42 @@
-"""edkit: hybrid Bloch-wave + neural-network refinement against 3D electron diffraction data."""
+"""edkit: hybrid Bloch-wave + neural-network refinement against 3D electron diffraction data.
 
+Public API (everything a notebook needs)::
+
+    crystal = edkit.read_cif("quartz.cif")
+    data = edkit.read_pets("quartz_experimental.cif_pets")
+    edkit.simulate_pattern(crystal, [1, 0, 0], [100, 500])
+    edkit.simulate_frames(crystal, data, thickness=600.0)
+    refinement = edkit.Refinement(crystal, data, thickness="profile-net")
+
+Physics runs in float64 through scoped ``jax.enable_x64`` at these entry points; the global
+JAX flag is never flipped on import. ``import edkit`` loads no widget library.
+"""
+
+from edkit import metrics, synthetic
+from edkit.crystal import Crystal
 from edkit.errors import EdkitError
+from edkit.frames import build_frame_setup, klar_selection, simulate_frames, thickness_search
+from edkit.io.cif import read_cif, write_cif
+from edkit.io.pets import frame_orientations, read_pets, select_frames, write_pets
+from edkit.pattern import simulate_pattern
+from edkit.refine.refinement import Refinement
 
-__all__ = ["EdkitError"]
+__all__ = [
+    "Crystal",
+    "EdkitError",
+    "Refinement",
+    "build_frame_setup",
+    "frame_orientations",
+    "klar_selection",
+    "metrics",
+    "read_cif",
+    "read_pets",
+    "select_frames",
+    "simulate_frames",
+    "simulate_pattern",
+    "synthetic",
+    "thickness_search",
+    "write_cif",
+    "write_pets",
+]
 __version__ = "0.1.0"
