@@ -182,7 +182,7 @@ def test_mosaicity_changes_edge_reflections(crystal, quartz) -> None:
     four = subset_frames(quartz, [4, 8, 9, 10])  # one beam bucket in both setups
     plain = build_frame_setup(crystal, four, n_sub=61, mosaicity=0.0)
     mosaic = build_frame_setup(crystal, four, n_sub=61, mosaicity=0.1)
-    assert mosaic.weights[0, 0] < 0.01 * mosaic.weights[0, 30]  # tapered ends
+    assert mosaic.weights[0, 0] < 0.02 * mosaic.weights[0, 30]  # tapered ends (uniform: 1)
     thickness = np.full((4, 1), 500.0)
     i_plain = _stack(crystal, plain, thickness)[:, 0]
     i_mosaic = _stack(crystal, mosaic, thickness)[:, 0]
