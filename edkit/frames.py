@@ -7,6 +7,8 @@ differences, and where each observed reflection sits in its frame's beam list. T
 differentiable part, :func:`frame_intensity_stack`, computes F once and maps over frames.
 """
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -360,6 +362,20 @@ def frame_intensity_stack(
     return jnp.concatenate(outputs, axis=0)[order]
 
 
+@functools.lru_cache(maxsize=16)
+def compiled_stack(
+    setup: FrameSetup, absorption: float | None, absorption_method: bloch.AbsorptionMethod
+) -> Callable[[StructureParams, StructureTables, jax.Array], jax.Array]:
+    """A jitted :func:`frame_intensity_stack` for one setup, cached so repeated simulations of the
+    same dataset (other structures, thicknesses) reuse the compiled code."""
+    return jax.jit(
+        lambda params, tables, thickness: frame_intensity_stack(
+            params, tables, setup, thickness, absorption=absorption,
+            absorption_method=absorption_method,
+        )
+    )  # fmt: skip
+
+
 def reflection_intensities(setup: FrameSetup, frame_stack: jax.Array) -> jax.Array:
     """Each observed reflection's intensity from (n_f, n) frame intensities; 0 if unsimulated."""
     beam = jnp.maximum(jnp.asarray(setup.refl_beam), 0)
@@ -440,12 +456,9 @@ def simulate_frames(
         raise EdkitError(f"absorption = {absorption!r}: expected κ ≥ 0 (U' = κU) or None")
     values, weights = thickness_nodes(thickness, setup.n_frames)
     with jax.enable_x64(True):
-        stack = jax.jit(
-            lambda p, t: frame_intensity_stack(
-                p, structure_tables(crystal), setup, t, absorption=absorption,
-                absorption_method=absorption_method,
-            )
-        )(structure_params(crystal), jnp.asarray(values))  # fmt: skip
+        stack = compiled_stack(setup, absorption, absorption_method)(
+            structure_params(crystal), structure_tables(crystal), jnp.asarray(values)
+        )
         frame_values = jnp.einsum("ft,ftn->fn", jnp.asarray(weights), stack)
         i_calc = np.asarray(reflection_intensities(setup, frame_values))
     if not np.all(np.isfinite(i_calc)):
@@ -552,11 +565,11 @@ def thickness_search(
         setup = build_frame_setup(crystal, dataset, **setup_options)
     n_frames = setup.n_frames
     with jax.enable_x64(True):
-        stack = jax.jit(
-            lambda p, t: frame_intensity_stack(
-                p, structure_tables(crystal), setup, t, absorption=absorption
-            )
-        )(structure_params(crystal), jnp.broadcast_to(jnp.asarray(grid), (n_frames, grid.size)))
+        stack = compiled_stack(setup, absorption, "eig")(
+            structure_params(crystal),
+            structure_tables(crystal),
+            jnp.broadcast_to(jnp.asarray(grid), (n_frames, grid.size)),
+        )
         per_refl = np.asarray(
             jax.vmap(lambda s: reflection_intensities(setup, s), in_axes=1, out_axes=1)(stack)
         )  # (n_r, n_t)
