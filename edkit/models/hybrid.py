@@ -30,6 +30,7 @@ class ForwardContext:
     features: FrameFeatures
     absorption_method: bloch.AbsorptionMethod = "eig"
     batch_size: int = 8
+    solve_dtype: jnp.dtype | None = None
 
 
 class Prediction(NamedTuple):
@@ -97,6 +98,7 @@ class HybridModel(nnx.Module):
             absorption=jnp.abs(self.absorption[...]) if self.uses_absorption else None,
             absorption_method=context.absorption_method,
             batch_size=context.batch_size,
+            solve_dtype=context.solve_dtype,
         )
         frame_values = jnp.einsum("ft,ftn->fn", weights, stack)
         return Prediction(reflection_intensities(context.setup, frame_values), values, weights)

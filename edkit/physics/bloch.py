@@ -214,6 +214,7 @@ def bloch_intensities(
     thickness: jax.Array,
     absorptive: jax.Array | None = None,
     method: AbsorptionMethod = "eig",
+    solve_dtype: jnp.dtype | None = None,
 ) -> jax.Array:
     """Beam intensities I_g(t) = |ψ_g(t)|² for one orientation, ψ(0) = e₀₀₀ (beam 0 is 000).
 
@@ -226,23 +227,32 @@ def bloch_intensities(
       absorptive: U'(h_j − h_i), Å⁻², complex, shape (n, n), or None for no absorption.
       method: absorptive route: "eig" (exact, default), "expm" (reference), "perturbative".
         Without absorption the Hermitian eigen route is always used.
+      solve_dtype: complex dtype of the eigendecomposition and propagation (e.g.
+        ``jnp.complex64``: ~1.5× faster, intensities to ~1e-5 relative); None keeps the input
+        precision. Geometry and structure factors stay in the caller's precision.
 
     Returns:
-      Intensities, shape (n_t, n).
+      Intensities, shape (n_t, n), in the precision of ``potential``'s real part.
     """
     metric = metric_factors(g_normal, k_mag)
     scale = jnp.pi / k_mag
     a = structure_matrix(excitation_error, metric, potential, k_mag)
+    out_dtype = jnp.real(a).dtype
+
+    def cast(x):
+        return x if solve_dtype is None else x.astype(solve_dtype)
+
+    t = thickness if solve_dtype is None else thickness.astype(jnp.real(cast(a)).dtype)
     if absorptive is None:
-        psi = propagate_hermitian(scale * a, thickness)
+        psi = propagate_hermitian(cast(scale * a), t)
     elif method == "perturbative":
         a_abs = absorptive * (metric[:, None] * metric[None, :])
-        psi = propagate_perturbative(scale * a, scale * a_abs, thickness)
+        psi = propagate_perturbative(cast(scale * a), cast(scale * a_abs), t)
     else:
-        b = scale * structure_matrix(excitation_error, metric, potential, k_mag, absorptive)
-        psi = propagate_general(b, thickness) if method == "eig" else propagate_expm(b, thickness)
+        b = cast(scale * structure_matrix(excitation_error, metric, potential, k_mag, absorptive))
+        psi = propagate_general(b, t) if method == "eig" else propagate_expm(b, t)
     # ψ = M exp(iπtA/K) M⁻¹ e₀ and M₀ = 1 for g = 0.
-    return jnp.abs(metric[None, :] * psi / metric[0]) ** 2
+    return (jnp.abs(psi.astype(a.dtype) * (metric[None, :] / metric[0])) ** 2).astype(out_dtype)
 
 
 def bloch_intensities_expm(

@@ -75,6 +75,7 @@ def frame_intensities(
     thickness: jax.Array,
     absorptive: jax.Array | None = None,
     method: bloch.AbsorptionMethod = "eig",
+    solve_dtype: jnp.dtype | None = None,
 ) -> jax.Array:
     """Rocking-curve-integrated intensities of one frame, shape (n_t, n).
 
@@ -88,6 +89,7 @@ def frame_intensities(
       thickness: Å, shape (n_t,).
       absorptive: U'(h_j − h_i), complex, shape (n, n), or None.
       method: absorptive route (see ``bloch.bloch_intensities``).
+      solve_dtype: complex dtype of the solves (see ``bloch.bloch_intensities``).
 
     Returns:
       Σ_k w_k I_g(t; k), shape (n_t, n); zero on padding beams.
@@ -101,7 +103,9 @@ def frame_intensities(
         s = bloch.excitation_errors(g_cart, k_hat, k_mag)
         s = jnp.where(valid, s, INERT_EXCITATION_ERROR)
         g_normal = jnp.where(valid, g_cart @ k_hat, 0.0)
-        return bloch.bloch_intensities(s, g_normal, potential, k_mag, thickness, absorptive, method)
+        return bloch.bloch_intensities(
+            s, g_normal, potential, k_mag, thickness, absorptive, method, solve_dtype
+        )
 
     intensities = jax.vmap(one)(k_hats)  # (n_sub, n_t, n)
     return jnp.where(valid[None, :], jnp.einsum("k,ktn->tn", weights, intensities), 0.0)

@@ -82,6 +82,7 @@ class RefinementOptions:
     thickness_grid: tuple[float, float, float] = (50.0, 2000.0, 25.0)
     riding: bool = True
     divergence_factor: float = 3.0
+    precision: str = "double"
 
 
 class Refinement:
@@ -110,6 +111,8 @@ class Refinement:
       validation_fraction: fraction of frames held out (every k-th frame); the best state is
         then chosen on their loss.
       seed: initialises the networks.
+      precision: "double" (complex128 Bloch solves, default) or "single" (complex64 solves,
+        geometry and structure factors still float64; ~1.5× faster, see benchmarks/refine.py).
     """
 
     @x64
@@ -135,6 +138,7 @@ class Refinement:
                 setup=self.setup,
                 features=self.features,
                 batch_size=opts.batch_size,
+                solve_dtype=_solve_dtype(opts.precision),
             )
             self._init_data_arrays()
             self.initial_thickness = self._grid_search_thickness()
@@ -774,6 +778,7 @@ class Refinement:
             self.context = ForwardContext(
                 mapping=self.mapping, tables=structure_tables(crystal), setup=self.setup,
                 features=self.features, batch_size=opts.batch_size,
+                solve_dtype=_solve_dtype(opts.precision),
             )  # fmt: skip
             self._init_data_arrays()
             self.initial_thickness = np.asarray(config["initial_thickness"])
@@ -904,6 +909,8 @@ def _check_options(options: RefinementOptions) -> RefinementOptions:
         raise EdkitError(f"absorption = {options.absorption!r}: expected κ ≥ 0 or None")
     if "absorption" in options.refine and options.absorption is None:
         raise EdkitError("refine includes 'absorption' but absorption is None; give a starting κ")
+    if options.precision not in ("double", "single"):
+        raise EdkitError(f"precision = {options.precision!r}: expected 'double' or 'single'")
     if not 0 <= options.validation_fraction < 1:
         raise EdkitError(
             f"validation_fraction = {options.validation_fraction!r}: expected 0 ≤ f < 1"
@@ -914,6 +921,10 @@ def _check_options(options: RefinementOptions) -> RefinementOptions:
             f"learning_rates: unknown group(s) {sorted(bad_rates)}; choose from {GROUPS}"
         )
     return options
+
+
+def _solve_dtype(precision: str):
+    return jnp.complex64 if precision == "single" else None
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
