@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import xarray as xr
+from jax.sharding import Mesh, PartitionSpec
 
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
@@ -294,6 +295,7 @@ def frame_intensity_stack(
     absorption_method: bloch.AbsorptionMethod = "eig",
     batch_size: int = 8,
     solve_dtype: jnp.dtype | None = None,
+    devices: int = 1,
 ) -> jax.Array:
     """Rocking-curve intensities of every frame for each of its thicknesses.
 
@@ -311,6 +313,8 @@ def frame_intensity_stack(
       batch_size: frames evaluated together (vectorised) inside the sequential map.
       solve_dtype: complex dtype of the Bloch solves (``jnp.complex64`` trades ~1e-5 relative
         intensity accuracy for speed); None keeps complex128 under x64.
+      devices: shard the frames of each bucket over this many devices (``jax.shard_map``;
+        on CPU set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts).
 
     Returns:
       Intensities, (n_f, n_t, n); zero on padding beams.
@@ -325,19 +329,26 @@ def frame_intensity_stack(
     if orientation_corrections is None:
         orientation_corrections = jnp.zeros((n_frames, 3))
 
-    def one_frame(inputs):
+    absorbing = absorption is not None
+    shared = (f_all, k_mag, jnp.asarray(0.0 if absorption is None else absorption))
+
+    def one_frame(inputs, shared):
         rotation, angles, weights, hkl, valid, coupling, t, correction = inputs
+        f_values, wave_number, kappa = shared
         rotation = small_rotation(correction) @ rotation
         k_hats = jax.vmap(lambda phi: (rotation_x(phi) @ rotation).T @ jnp.asarray(LAB_BEAM))(
             angles
         )
-        potential = prefactor * f_all[coupling]
-        absorptive = None if absorption is None else absorption * potential
+        potential = prefactor * f_values[coupling]
+        absorptive = kappa * potential if absorbing else None
         g_cart = hkl.astype(reciprocal.dtype) @ reciprocal
         return frame_intensities(
-            k_hats, weights, g_cart, valid, potential, k_mag, t, absorptive, absorption_method,
-            solve_dtype,
+            k_hats, weights, g_cart, valid, potential, wave_number, t, absorptive,
+            absorption_method, solve_dtype,
         )  # fmt: skip
+
+    def map_frames(shared, *inputs):
+        return jax.lax.map(lambda x: one_frame(x, shared), inputs, batch_size=batch_size)
 
     arrays = (
         setup.rotations,
@@ -360,10 +371,36 @@ def frame_intensity_stack(
             rotation, angles, weights, hkl[:, :size], valid[:, :size],
             coupling[:, :size, :size], t, correction,
         )  # fmt: skip
-        out = jax.lax.map(one_frame, bucket_inputs, batch_size=batch_size)
+        if devices > 1:
+            out = _sharded(map_frames, shared, bucket_inputs, devices)
+        else:
+            out = map_frames(shared, *bucket_inputs)
         outputs.append(jnp.pad(out, ((0, 0), (0, 0), (0, setup.hkl.shape[1] - size))))
     order = np.argsort(np.concatenate(buckets))
     return jnp.concatenate(outputs, axis=0)[order]
+
+
+def _sharded(map_frames: Callable, shared: tuple, inputs: tuple, devices: int) -> jax.Array:
+    """Run ``map_frames`` with the frames split over ``devices`` devices (results identical to
+    the single-device map: the same per-frame program runs on each shard)."""
+    available = jax.devices()
+    if devices > len(available):
+        raise EdkitError(
+            f"devices = {devices}, but JAX sees {len(available)}; on CPU start with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}"
+        )
+    n = inputs[0].shape[0]
+    pad = (-n) % devices  # shards must be equal: repeat the last frame, drop it afterwards
+    if pad:
+        inputs = tuple(jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) for x in inputs)
+    mesh = Mesh(np.array(available[:devices]), ("frames",))
+    sharded = jax.shard_map(
+        map_frames,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), *(PartitionSpec("frames") for _ in inputs)),
+        out_specs=PartitionSpec("frames"),
+    )
+    return sharded(shared, *inputs)[:n]
 
 
 @functools.lru_cache(maxsize=16)
