@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 import time
 from importlib.resources import files
@@ -42,6 +43,8 @@ def _refine(args: argparse.Namespace) -> dict:
         sg_max=args.sg_max,
         n_sub=args.n_sub,
         seed=args.seed,
+        devices=args.devices,
+        precision=args.precision,
     )
     print(
         f"{len(dataset.frame)} frames, {int(refinement.setup.scored.sum())} scored reflections, "
@@ -100,6 +103,14 @@ def _add_refine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-sub", type=int, default=None, help="sub-orientations per frame")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=int, default=1, help="use every N-th frame only")
+    parser.add_argument(
+        "--devices", type=int, default=1,
+        help="shard frames over N devices (on CPU: N host devices, one per core)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--precision", choices=("double", "single"), default="double",
+        help="complex128 or complex64 Bloch solves",
+    )  # fmt: skip
     parser.add_argument("--lm-rounds", type=int, default=2, help="Levenberg–Marquardt rounds")
     parser.add_argument("--lm-iterations", type=int, default=4)
     parser.add_argument("--polish-steps", type=int, default=10, help="Adam steps after each LM")
@@ -121,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_refine_options(demo)
     demo.set_defaults(every=3, steps=40, lm_rounds=1, lm_iterations=3, polish_steps=0)
     args = parser.parse_args(argv)
+    if args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get(
+        "XLA_FLAGS", ""
+    ):
+        # Read when JAX's CPU backend starts, which no edkit import does.
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={args.devices}"
+        ).strip()
     if args.command == "demo":
         args.structure = _bundled("structures", "quartz_kinematical.cif")
         args.data = _bundled("pets", "quartz_experimental.cif_pets")

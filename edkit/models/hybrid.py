@@ -31,6 +31,7 @@ class ForwardContext:
     absorption_method: bloch.AbsorptionMethod = "eig"
     batch_size: int = 8
     solve_dtype: jnp.dtype | None = None
+    devices: int = 1
 
 
 class Prediction(NamedTuple):
@@ -99,6 +100,7 @@ class HybridModel(nnx.Module):
             absorption_method=context.absorption_method,
             batch_size=context.batch_size,
             solve_dtype=context.solve_dtype,
+            devices=context.devices,
         )
         frame_values = jnp.einsum("ft,ftn->fn", weights, stack)
         return Prediction(reflection_intensities(context.setup, frame_values), values, weights)

@@ -83,6 +83,7 @@ class RefinementOptions:
     riding: bool = True
     divergence_factor: float = 3.0
     precision: str = "double"
+    devices: int = 1
 
 
 class Refinement:
@@ -111,6 +112,7 @@ class Refinement:
       validation_fraction: fraction of frames held out (every k-th frame); the best state is
         then chosen on their loss.
       seed: initialises the networks.
+      devices: shard the frames over this many JAX devices (see ``frame_intensity_stack``).
       precision: "double" (complex128 Bloch solves, default) or "single" (complex64 solves,
         geometry and structure factors still float64; ~1.5× faster, see benchmarks/refine.py).
     """
@@ -139,6 +141,7 @@ class Refinement:
                 features=self.features,
                 batch_size=opts.batch_size,
                 solve_dtype=_solve_dtype(opts.precision),
+                devices=opts.devices,
             )
             self._init_data_arrays()
             self.initial_thickness = self._grid_search_thickness()
@@ -233,6 +236,7 @@ class Refinement:
         if group not in GROUPS:
             raise EdkitError(f"unknown parameter group {group!r}; expected one of {GROUPS}")
         self.enabled[group] = bool(enabled)
+        self._jacobian = None  # its columns are the enabled groups' coefficients: rebuild
 
     # ------------------------------------------------------------------------------ the step
     def _loss_terms(self, state):
@@ -594,7 +598,7 @@ class Refinement:
     def _apply_structure_shift(self, state, theta: np.ndarray):
         pos_mask, adp_mask = self._free_masks()
         n_pos = int(pos_mask.sum())
-        model = nnx.merge(self.graphdef, state)
+        model = nnx.merge(self.graphdef, state, copy=True)  # never mutate ``state`` itself
         model.positions[...] = model.positions[...].at[pos_mask].add(theta[:n_pos])
         model.adp[...] = model.adp[...].at[adp_mask].add(theta[n_pos:])
         return nnx.split(model, nnx.Param)[1]
@@ -778,7 +782,7 @@ class Refinement:
             self.context = ForwardContext(
                 mapping=self.mapping, tables=structure_tables(crystal), setup=self.setup,
                 features=self.features, batch_size=opts.batch_size,
-                solve_dtype=_solve_dtype(opts.precision),
+                solve_dtype=_solve_dtype(opts.precision), devices=opts.devices,
             )  # fmt: skip
             self._init_data_arrays()
             self.initial_thickness = np.asarray(config["initial_thickness"])
