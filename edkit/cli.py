@@ -70,7 +70,7 @@ def _refine(args: argparse.Namespace) -> dict:
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["structure"] = str(args.structure)
     report["data"] = str(args.data)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.json").write_text(json.dumps(_finite_or_none(report), indent=1))
     history = refinement.history
     simulated = refinement.simulated()
     history.to_netcdf(out / "refinement.nc", engine="h5netcdf", group="history")
@@ -78,12 +78,21 @@ def _refine(args: argparse.Namespace) -> dict:
     return report
 
 
+def _finite_or_none(report: dict) -> dict:
+    """NaN (an undefined figure, e.g. GoF with N_obs ≤ N_par) as JSON null, not invalid NaN."""
+    return {
+        key: None if isinstance(value, float) and value != value else value
+        for key, value in report.items()
+    }
+
+
 def _print_report(report: dict, out: Path) -> None:
     keys = ("r_obs_mean_frame", "r_obs", "r_all", "wr_obs", "wr_all", "gof")
     print("figures of merit (fractions; Jana on |F| over scored reflections, and diffBloch's")
     print("mean per-frame R_obs):")
     for key in keys:
-        print(f"  {key:18s} {report[key]:.4f}")
+        value = report[key]
+        print(f"  {key:18s} {'undefined' if value is None or value != value else f'{value:.4f}'}")
     print(f"  {'n_obs / n_all':18s} {report['n_obs']} / {report['n_all']}")
     print(f"  {'steps, seconds':18s} {report['steps']}, {report['seconds']}")
     print(f"wrote {out / 'refined.cif'}, {out / 'report.json'}, {out / 'refinement.nc'}")

@@ -155,9 +155,11 @@ def structure_mapping(crystal: Crystal, *, riding: bool = True) -> StructureMapp
         if parent[i] < 0:
             cartesian = real.T @ position_projectors[i]  # allowed shifts as Cartesian columns
             position_basis[i] = to_fract @ _orthonormal_columns(cartesian)
+        if parent[i] >= 0:
+            continue  # riding H: position follows the parent, ADPs stay fixed
         if crystal.anisotropic[i]:
             adp_basis[i] = _orthonormal_columns(adp_projectors[i])
-        elif parent[i] < 0:
+        else:
             adp_basis[i, :, 0] = iso_direction  # one coefficient: ΔUiso
     return StructureMapping(
         fract0=np.asarray(crystal.fract, dtype=np.float64),

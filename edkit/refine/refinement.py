@@ -10,6 +10,7 @@ import json
 import math
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ DEFAULT_LEARNING_RATES = {
     "occupancy": 3e-3,
     "orientation": 2e-4,
     "absorption": 3e-3,
-    "thickness": 2e-2,
+    "thickness": 1e-3,
 }
 THICKNESS_KINDS = ("constant", "per-frame", "platelet", "wedge", "profile-net", "map-net")
 
@@ -158,6 +159,7 @@ class Refinement:
         self._last_i_calc: np.ndarray | None = None
         self._compiled_step: Callable | None = None
         self._jacobian: Callable | None = None
+        self._predict: Callable | None = None
 
     # ------------------------------------------------------------------------------ set-up
     def _init_data_arrays(self) -> None:
@@ -505,10 +507,9 @@ class Refinement:
     @x64
     def predict(self) -> np.ndarray:
         """I_calc (unscaled) of every reflection for the current state, (n_refl,)."""
-        with jax.enable_x64(True):
-            return np.asarray(
-                jax.jit(lambda s: nnx.merge(self.graphdef, s)(self.context).i_calc)(self.state)
-            )
+        if self._predict is None:
+            self._predict = jax.jit(lambda s: nnx.merge(self.graphdef, s)(self.context).i_calc)
+        return np.asarray(self._predict(self.state))
 
     @x64
     def simulated(self) -> xr.Dataset:
@@ -537,7 +538,7 @@ class Refinement:
         )
         return {
             **figures,
-            "gof": jana["gof"] if False else figures["gof"],
+            "gof": jana["gof"],  # Jana: sqrt(Σw(ΔF)²/(N_obs − N_par))
             "n_obs": jana["n_obs"],
             "n_all": jana["n_all"],
             "n_frames": self.setup.n_frames,
@@ -722,6 +723,12 @@ class Refinement:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         write_cif(self.start_crystal, folder / "start.cif")
+        np.savez(
+            folder / "start.npz",
+            fract=np.asarray(self.start_crystal.fract),
+            u_cif=np.asarray(self.start_crystal.u_cif),
+            occupancy=np.asarray(self.start_crystal.occupancy),
+        )
         self.dataset.to_netcdf(folder / "data.nc", engine="h5netcdf")
         config = {
             "version": CHECKPOINT_VERSION,
@@ -762,8 +769,16 @@ class Refinement:
                 f"{folder / 'config.json'}: checkpoint version {config.get('version')!r}; this "
                 f"edkit reads version {CHECKPOINT_VERSION}"
             )
-        crystal = read_cif(folder / "start.cif")
-        dataset = xr.load_dataset(folder / "data.nc", engine="h5netcdf")
+        try:
+            crystal = read_cif(folder / "start.cif")
+            # The CIF rounds numbers; the exact starting arrays travel beside it.
+            with open(folder / "start.npz", "rb") as handle, np.load(handle) as exact:
+                crystal = crystal.replace(
+                    fract=exact["fract"], u_cif=exact["u_cif"], occupancy=exact["occupancy"]
+                )
+            dataset = xr.load_dataset(folder / "data.nc", engine="h5netcdf")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise EdkitError(f"{folder}: corrupted checkpoint ({error})") from None
         options = config["options"]
         self = cls.__new__(cls)
         self._restore(crystal, dataset, options, config, folder)
@@ -797,11 +812,11 @@ class Refinement:
             self.graphdef, self.state = nnx.split(model, nnx.Param)
             self._build_optimizer()
             try:
-                arrays = np.load(folder / "state.npz")
-                self.state = _fill(self.state, arrays, "state")
-                self.opt_state = _fill(self.opt_state, arrays, "opt")
-                self.best_state = _fill(self.state, arrays, "best")
-            except (OSError, ValueError, KeyError) as error:
+                with open(folder / "state.npz", "rb") as handle, np.load(handle) as arrays:
+                    self.state = _fill(self.state, arrays, "state")
+                    self.opt_state = _fill(self.opt_state, arrays, "opt")
+                    self.best_state = _fill(self.state, arrays, "best")
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
                 raise EdkitError(
                     f"{folder / 'state.npz'}: corrupted checkpoint ({error})"
                 ) from None
@@ -816,6 +831,7 @@ class Refinement:
         self._last_i_calc = None
         self._compiled_step = None
         self._jacobian = None
+        self._predict = None
         self.thickness_search_result = None
 
 

@@ -1,0 +1,560 @@
+"""edkit.Refinement: the Python shell around one compiled step (style.md §4, §7; science.md §6–§7).
+
+The problem: α-quartz (quartz.cif) on 4 frames of a generated rotation series with the real quartz
+experiment's UB and mosaicity (α = −30, −15, 0, 15°, θ = 2°), thickness t(α) = 400 + 150 cos(3α) Å,
+Poisson counts, g_max = 1.2 Å⁻¹, n_sub = 5: 47 reflections, 24–30 beams per frame. The start is
+the truth with O1 moved by 0.037 Å. The thickness group runs at 3e-4 instead of the default 2e-2:
+on this problem the default's first (sign-like) Adam step moves the profile network's output by
+tens of % and the loss jumps from 0.18 to 0.5 (see the report of the helper that wrote these
+tests).
+
+Expensive objects are shared: one ``Refinement`` is built per module (``template``); tests step
+shallow copies of it (``fresh``) that share its compiled step (the step closes over the
+template's fixed data, which the copies share), so the step compiles once for the module.
+conftest.py turns x64 on; pyproject turns warnings into errors.
+"""
+
+import copy
+import gc
+import json
+import shutil
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from edkit import EdkitError, Refinement, read_cif, read_pets
+from edkit.io.pets import select_frames
+from edkit.synthetic import make_dataset, rotation_series
+
+G_MAX = 1.2
+N_SUB = 5
+GRID = (100.0, 1000.0, 100.0)
+RATES = {"thickness": 3e-4}
+
+
+def profile(alpha: np.ndarray) -> np.ndarray:
+    """The true thickness, Å, at goniometer angle α (degrees)."""
+    return 400.0 + 150.0 * np.cos(np.deg2rad(3.0 * alpha))
+
+
+@pytest.fixture(scope="module")
+def quartz(data_dir):
+    return read_cif(data_dir / "structures" / "quartz.cif")
+
+
+@pytest.fixture(scope="module")
+def experiment(data_dir):
+    return read_pets(data_dir / "pets" / "quartz_experimental.cif_pets")
+
+
+@pytest.fixture(scope="module")
+def dataset(quartz, experiment):
+    geometry = rotation_series(
+        experiment, alpha_start=-30.0, alpha_step=15.0, n_frames=4, semiangle=2.0
+    )
+    return make_dataset(quartz, geometry, profile, n_sub=N_SUB, g_max=G_MAX, seed=1)
+
+
+def _displace(crystal, label, shift):
+    """``crystal`` with atom ``label`` moved by the Cartesian ``shift`` (Å), its coordinates
+    rounded to 6 decimals so that a CIF holds them exactly (``Refinement.save`` keeps the start
+    as a CIF, which writes at most 10 decimals: see ``test_checkpoint_keeps_the_start_exactly``).
+    """
+    fract = crystal.fract.copy()
+    i = crystal.labels.index(label)
+    fract[i] += np.linalg.solve(np.asarray(crystal.real_basis).T, shift)
+    return crystal.replace(fract=np.vectorize(lambda v: float(f"{v:.6f}"))(fract))
+
+
+@pytest.fixture(scope="module")
+def start(quartz):
+    return _displace(quartz, "O1", np.array([0.03, -0.02, 0.01]))
+
+
+@pytest.fixture(scope="module")
+def template(start, dataset):
+    """Never stepped itself; see the module docstring."""
+    refinement = Refinement(
+        start, dataset, g_max=G_MAX, n_sub=N_SUB, thickness_grid=GRID, learning_rates=RATES
+    )
+    refinement._compiled_step = refinement._make_step()  # shared by the copies
+    return refinement
+
+
+def fresh(template: Refinement) -> Refinement:
+    """An unstepped copy of ``template`` with its own mutable bookkeeping."""
+    refinement = copy.copy(template)
+    refinement.state = jax.tree.map(lambda x: x, template.state)  # new Variable objects
+    refinement.best_state = refinement.state
+    refinement.base_learning_rates = dict(template.base_learning_rates)
+    refinement.enabled = dict(template.enabled)
+    refinement.messages = []
+    refinement._records = []
+    refinement._jacobian = None
+    return refinement
+
+
+def leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def assert_trees_equal(a, b) -> None:
+    la, lb = leaves(a), leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def positions(refinement: Refinement) -> np.ndarray:
+    return np.asarray(refinement.model.positions[...])
+
+
+def adp(refinement: Refinement) -> np.ndarray:
+    return np.asarray(refinement.model.adp[...])
+
+
+# ---------------------------------------------------------------------------------------------
+# construction, steps, history
+# ---------------------------------------------------------------------------------------------
+
+
+def test_construction(template, dataset) -> None:
+    r = template
+    assert r.setup.n_frames == 4
+    assert r.train_mask.sum() == r.setup.scored.sum() > 20
+    assert r.n_parameters == 14  # Si1: 1 position + 4 Uij; O1: 3 + 6
+    grid = np.arange(GRID[0], GRID[1] + 1, GRID[2])
+    assert np.all(np.isin(r.initial_thickness, grid))
+    thickness = r.thickness
+    assert thickness.dims == ("frame",) and thickness.attrs["units"] == "angstrom"
+    assert {"alpha", "spread", "grid_search"} <= set(thickness.coords)
+    np.testing.assert_array_equal(thickness["frame"], dataset["frame"])
+    # the network starts at the grid search's thickness (science.md §6)
+    np.testing.assert_allclose(thickness.values, r.initial_thickness, rtol=1e-3)
+    assert r.thickness_map() is None  # profile-net has no map
+    np.testing.assert_array_equal(positions(r), 0.0)
+    assert r.history.sizes["step"] == 0
+
+
+def test_step_changes_parameters_and_records_history(template, quartz) -> None:
+    r = fresh(template)
+    record = r.step(2)
+    assert record["step"] == 1 and np.isfinite(record["loss"])
+    assert np.any(positions(r) != 0) and np.any(adp(r) != 0)
+    assert r.step_count == 2
+    history = r.history
+    assert dict(history.sizes) == {"step": 2, "atom": 2, "xyz": 3, "frame": 4}
+    np.testing.assert_array_equal(history["step"], [0, 1])
+    assert list(history["atom"].values) == list(quartz.labels)
+    np.testing.assert_array_equal(history["frame"], [1, 2, 3, 4])
+    assert history["fract"].dims == ("step", "atom", "xyz")
+    assert history["ueq"].dims == ("step", "atom")
+    assert history["thickness"].dims == ("step", "frame")
+    assert history["fract"].attrs["units"] == "1"
+    assert history["ueq"].attrs["units"] == "angstrom**2"
+    assert history["thickness"].attrs["units"] == "angstrom"
+    assert history["loss"].attrs["units"] == "1"
+    assert history.attrs["objective"] == "jana"
+    # step 0 records the start; its fract is the starting structure's
+    np.testing.assert_allclose(history["fract"].values[0], template.start_crystal.fract)
+    assert np.all(np.isfinite(history["loss"])) and np.all(history["r_obs"] > 0)
+
+
+def test_first_adam_step_moves_each_free_coordinate_by_the_rate_in_angstrom(template) -> None:
+    """Adam's first update is −rate·g/(|g| + ε): every free coefficient moves by the rate (Å);
+    coefficients fixed by symmetry (quartz Si1 x, z) do not move."""
+    r = fresh(template)
+    r.set_learning_rate("positions", 1e-3)
+    r.step(1)
+    free = r.mapping.position_mask
+    np.testing.assert_allclose(np.abs(positions(r)[free]), 1e-3, rtol=1e-5)
+    np.testing.assert_array_equal(positions(r)[~free], 0.0)
+    assert free.sum() == 4
+
+
+def test_set_learning_rate_takes_effect_without_recompiling(template) -> None:
+    r = fresh(template)
+    r.step(1)
+    assert r._compiled_step._cache_size() == 1
+    before_adp = adp(r)
+    before_positions = positions(r)
+    r.set_learning_rate("adp", 0.0)
+    r.set_learning_rate("positions", 5e-3)
+    r.step(2)
+    np.testing.assert_array_equal(adp(r), before_adp)  # rate 0: frozen
+    assert np.any(positions(r) != before_positions)
+    r.set_learning_rate("adp", 1e-4)
+    r.step(1)
+    assert np.any(adp(r) != before_adp)
+    assert r._compiled_step._cache_size() == 1  # the rates live in the optimiser state
+    with pytest.raises(EdkitError, match="bonds"):
+        r.set_learning_rate("bonds", 1e-3)
+    with pytest.raises(EdkitError, match="positions"):
+        r.set_learning_rate("positions", -1.0)
+
+
+def test_set_enabled_freezes_a_group(template) -> None:
+    r = fresh(template)
+    r.set_enabled("positions", False)
+    assert r.n_parameters == 10
+    r.step(3)
+    np.testing.assert_array_equal(positions(r), 0.0)
+    assert np.any(adp(r) != 0)
+    assert r._compiled_step._cache_size() == 1
+    with pytest.raises(EdkitError, match="unknown parameter group 'bonds'"):
+        r.set_enabled("bonds", True)
+
+
+def test_loss_decreases_from_a_displaced_start(template) -> None:
+    r = fresh(template)
+    r.step(10)
+    loss = r.history["loss"].values
+    assert len(loss) == 10 and not r.messages  # no divergence
+    assert loss[-1] < 0.8 * loss[0]
+    assert r.history["wr_all"].values[-1] < r.history["wr_all"].values[0]
+    assert r.best_step == 9 and r.best_loss == loss[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(template, tmp_path_factory):
+    """A refinement saved after 3 steps."""
+    r = fresh(template)
+    r.step(3)
+    return r.save(tmp_path_factory.mktemp("checkpoint") / "run")
+
+
+def test_resume_is_bit_identical(template, checkpoint) -> None:
+    straight = fresh(template)
+    straight.step(6)
+    resumed = Refinement.load(checkpoint)
+    assert resumed.step_count == 3 and resumed.history.sizes["step"] == 3
+    resumed.step(3)
+    assert resumed.step_count == straight.step_count == 6
+    assert_trees_equal(resumed.state, straight.state)
+    assert_trees_equal(resumed.opt_state, straight.opt_state)
+    assert_trees_equal(resumed.best_state, straight.best_state)
+    assert resumed.best_step == straight.best_step and resumed.best_loss == straight.best_loss
+    assert resumed.base_learning_rates == straight.base_learning_rates
+    for name in ("loss", "r_obs", "wr_all", "fract", "ueq", "thickness"):
+        np.testing.assert_array_equal(resumed.history[name], straight.history[name])
+    np.testing.assert_array_equal(resumed.history["step"], np.arange(6))
+
+
+def test_checkpoint_keeps_the_start_exactly(template, tmp_path) -> None:
+    r = fresh(template)
+    start = r.start_crystal
+    r.start_crystal = start.replace(fract=start.fract + np.pi * 1e-11)  # not CIF-exact
+    loaded = Refinement.load(r.save(tmp_path / "run"))
+    np.testing.assert_array_equal(loaded.start_crystal.fract, r.start_crystal.fract)
+
+
+def _copy_checkpoint(checkpoint, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(checkpoint, folder)
+    return folder
+
+
+def test_wrong_checkpoint_version(checkpoint, tmp_path) -> None:
+    folder = _copy_checkpoint(checkpoint, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["version"] = 99
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EdkitError, match="version 99") as error:
+        Refinement.load(folder)
+    assert str(folder / "config.json") in str(error.value)
+
+
+def test_missing_checkpoint(tmp_path) -> None:
+    with pytest.raises(EdkitError, match="not an edkit checkpoint") as error:
+        Refinement.load(tmp_path / "nothing")
+    assert str(tmp_path / "nothing") in str(error.value)
+
+
+def test_checkpoint_with_a_wrong_shape(checkpoint, tmp_path) -> None:
+    folder = _copy_checkpoint(checkpoint, tmp_path)
+    with np.load(folder / "state.npz") as stored:
+        arrays = dict(stored)
+    arrays["state_0"] = np.zeros(7)
+    np.savez(folder / "state.npz", **arrays)
+    with pytest.raises(EdkitError, match="corrupted checkpoint") as error:
+        Refinement.load(folder)
+    assert str(folder / "state.npz") in str(error.value)
+
+
+def _load_error(folder) -> Exception:
+    """What ``Refinement.load(folder)`` raises. np.load leaks the file handle of an .npz it fails
+    to open (numpy 2 pops it from its ExitStack before reading the zip directory): drop the
+    traceback and collect it here, so no ResourceWarning surfaces in a later test."""
+    caught: Exception | None = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            Refinement.load(folder)
+        except Exception as error:
+            error.__traceback__ = None
+            caught = error
+        gc.collect()
+    assert caught is not None, "a corrupted checkpoint was loaded"
+    return caught
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_truncated_checkpoint(checkpoint, tmp_path, keep) -> None:
+    folder = _copy_checkpoint(checkpoint, tmp_path)
+    raw = (folder / "state.npz").read_bytes()
+    (folder / "state.npz").write_bytes(raw[: int(keep * len(raw))])
+    error = _load_error(folder)
+    assert isinstance(error, EdkitError), repr(error)
+    assert "corrupted checkpoint" in str(error) and str(folder / "state.npz") in str(error)
+
+
+# ---------------------------------------------------------------------------------------------
+# divergence
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_recovered(r: Refinement, template: Refinement, halved: float) -> None:
+    assert_trees_equal(r.state, template.state)  # back at the best (the starting) state
+    assert_trees_equal(r.opt_state, r.optimizer.init(r.state))  # optimiser restarted
+    assert r.base_learning_rates["adp"] == 0.5 * template.base_learning_rates["adp"]
+    assert r.base_learning_rates["positions"] == halved
+    messages = r.history.attrs["messages"]
+    assert "step 1: the refinement diverged" in messages
+    assert "returned to the best state" in messages
+    assert r.history.sizes["step"] == 1 and r.step_count == 2
+    record = r.step(1)  # continues from the best state: the same loss as step 0
+    assert record["step"] == 2 and record["loss"] == r.history["loss"].values[0]
+
+
+def test_divergence_returns_to_the_best_state(template) -> None:
+    r = fresh(template)
+    r.set_learning_rate("positions", 10.0)  # 10 Å steps
+    with pytest.warns(RuntimeWarning, match="diverged") as caught:
+        record = r.step(2)
+    assert len(caught) == 1
+    assert record["diverged"] == 1.0 and record["loss"] > 3 * r.best_loss
+    _check_recovered(r, template, halved=5.0)
+
+
+def test_non_finite_loss_returns_to_the_best_state(template, monkeypatch) -> None:
+    r = fresh(template)
+    compiled, calls = r._compiled_step, []
+
+    def nan_on_second_call(state, opt_state):
+        out = compiled(state, opt_state)
+        calls.append(1)
+        return (*out[:2], jnp.nan, *out[3:]) if len(calls) == 2 else out
+
+    monkeypatch.setattr(r, "_compiled_step", nan_on_second_call)
+    with pytest.warns(RuntimeWarning, match="loss nan"):
+        record = r.step(2)
+    assert record["diverged"] == 1.0
+    _check_recovered(r, template, halved=0.5 * template.base_learning_rates["positions"])
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cell_mismatch_names_both_files(quartz, experiment) -> None:
+    a, b, c, alpha, beta, gamma = quartz.cell
+    wrong = quartz.replace(cell=(a * 1.02, b * 1.02, c, alpha, beta, gamma))
+    with pytest.raises(EdkitError, match="does not match the dataset") as error:
+        Refinement(wrong, select_frames(experiment, slice(0, 2)), g_max=G_MAX, n_sub=N_SUB)
+    message = str(error.value)
+    assert "quartz.cif" in message and "quartz_experimental.cif_pets" in message
+    assert "2.0 %" in message
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"thickness": "slab"}, "thickness = 'slab': expected one of"),
+        ({"refine": ("positions", "bonds")}, r"unknown group\(s\) \['bonds'\]"),
+        ({"refine": ("absorption",)}, "absorption is None"),
+        ({"objective": "r1"}, "objective = 'r1'"),
+        ({"learning_rates": {"bonds": 1.0}}, "learning_rates: unknown group"),
+    ],
+)
+def test_bad_options(quartz, dataset, options, match) -> None:
+    with pytest.raises(EdkitError, match=match):
+        Refinement(quartz, dataset, g_max=G_MAX, n_sub=N_SUB, **options)
+
+
+def test_no_scored_reflection(quartz, dataset) -> None:
+    # every reflection moved out of the beam lists (|g| > g_max): none can be scored
+    far = dataset.assign(l=dataset["l"] + 40)
+    with pytest.raises(EdkitError, match="is scored"):
+        Refinement(quartz, far, g_max=G_MAX, n_sub=N_SUB)
+
+
+# ---------------------------------------------------------------------------------------------
+# uncertainties, Levenberg–Marquardt, CIF
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def refined(template):
+    r = fresh(template)
+    r.step(4)
+    return r
+
+
+def test_uncertainties(refined) -> None:
+    su = refined.uncertainties()
+    fract, u_cif = su["fract"], su["u_cif"]
+    assert fract.shape == (2, 3) and u_cif.shape == (2, 3, 3)
+    assert np.isfinite(su["gof"]) and su["gof"] > 0
+    # Si1 at (0, y, 5/6) on the 2-fold axis: only y is free
+    np.testing.assert_allclose(fract[0, [0, 2]], 0.0, atol=1e-15)
+    assert fract[0, 1] > 1e-5
+    assert np.all(fract[1] > 1e-5)  # O1: general position
+    assert np.all(fract < 0.05)
+    # U^cif: zero exactly where no coefficient reaches the component
+    index = ([0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2])
+    reached = np.any(refined.mapping.adp_basis != 0, axis=2)  # (n, 6): component moves
+    for atom in range(2):
+        values = u_cif[atom][index]
+        assert np.all(values[reached[atom]] > 1e-6)
+        np.testing.assert_array_equal(values[~reached[atom]], 0.0)
+    np.testing.assert_array_equal(u_cif, np.swapaxes(u_cif, 1, 2))
+
+
+def test_refine_structure_does_not_increase_wr(refined) -> None:
+    before = refined.report()
+    step = refined.step_count
+    wr = refined.refine_structure(2)
+    assert 1 <= len(wr) <= 2
+    assert np.all(np.diff(wr) <= 0)
+    after = refined.report()
+    assert after["wr_all"] <= before["wr_all"]
+    assert "Levenberg–Marquardt" in refined.messages[-1]
+    assert refined.history["step"].values[-1] == step
+    assert refined.history["loss"].values[-1] == wr[-1]
+
+
+def test_rejected_levenberg_marquardt_trials_leave_the_state_alone(refined, monkeypatch) -> None:
+    """Force every trial shift to look worse: the state must not move."""
+    if refined._jacobian is None:
+        refined._jacobian = refined._jacobian_function()
+    jacobian, calls = refined._jacobian, []
+
+    def trials_look_worse(state):
+        residuals, jac = jacobian(state)
+        calls.append(1)
+        return (residuals if len(calls) == 1 else 10.0 * residuals + 1.0), jac
+
+    monkeypatch.setattr(refined, "_jacobian", trials_look_worse)
+    before = leaves(refined.state)
+    wr = refined.refine_structure(1)
+    assert len(calls) == 1 + 8  # the start and eight rejected trials (damping × 10 each)
+    assert len(wr) == 1
+    for x, y in zip(leaves(refined.state), before, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_write_cif(refined, tmp_path) -> None:
+    path = tmp_path / "refined.cif"
+    refined.write_cif(path)
+    text = path.read_text()
+    for tag in ("_refine_ls_R_factor_gt", "_refine_ls_wR_factor_ref", "_refine_ls_number_reflns"):
+        assert tag in text
+    r_obs = float(text.split("_refine_ls_R_factor_gt")[1].split()[0])
+    assert 0 < r_obs < refined.history["r_obs"].values[0]
+    atom_lines = [line for line in text.splitlines() if line.split()[:1] in (["Si1"], ["O1"])]
+    assert atom_lines and all("(" in line for line in atom_lines)
+    crystal, su = refined.crystal, refined.uncertainties()
+    back = read_cif(path)
+    assert back.labels == crystal.labels and back.space_group == crystal.space_group
+    # values are rounded to their s.u. (crystallographic notation): within half of it; the
+    # coordinates fixed by symmetry (no s.u.) are written in full
+    np.testing.assert_array_less(np.abs(back.fract - crystal.fract), 0.5 * su["fract"] + 1e-10)
+    np.testing.assert_allclose(back.fract, crystal.fract, atol=5e-4)
+    fixed = su["fract"] < 1e-12
+    np.testing.assert_allclose(back.fract[fixed], crystal.fract[fixed], atol=1e-9)
+
+
+def test_simulated(refined, dataset) -> None:
+    simulated = refined.simulated()
+    for name in ("I_obs", "sigma", "h", "k", "l", "frame_id"):
+        np.testing.assert_array_equal(simulated[name], dataset[name])
+
+
+def test_uncertainties_follow_set_enabled(refined) -> None:
+    """Fixing positions can only shrink the ADP s.u.'s (a conditional variance is at most the
+    marginal one, and the GoF's degrees of freedom grow), and zeroes the position s.u.'s."""
+    full = refined.uncertainties()
+    try:
+        refined.set_enabled("positions", False)
+        adp_only = refined.uncertainties()
+    finally:
+        refined.set_enabled("positions", True)
+    np.testing.assert_array_equal(adp_only["fract"], 0.0)
+    assert np.all(adp_only["u_cif"] <= full["u_cif"] + 1e-15)
+    assert np.any(adp_only["u_cif"] > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# recovery of a known truth (slow)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rms_distance(crystal, truth) -> float:
+    """RMS over the asymmetric unit of the Cartesian distance (Å, minimum image) to the truth."""
+    d = crystal.fract - truth.fract
+    d -= np.round(d)
+    return float(np.sqrt(np.mean(np.sum((d @ np.asarray(truth.real_basis)) ** 2, axis=1))))
+
+
+@pytest.mark.slow
+def test_recovers_a_synthetic_truth(quartz, experiment) -> None:
+    """Quartz on 8 frames (α = −40…30°, θ = 2°, g_max = 1.2 Å⁻¹, n_sub = 5; 120 reflections),
+    t(α) = 400 + 150 cos(3α) Å (325–550 Å), 10⁶ counts for the brightest reflection. Start: the
+    truth with O1 moved by 0.049 Å (0.035 Å RMS over Si1, O1) and every U ×1.3. Two rounds of
+    40 Adam steps + Levenberg–Marquardt. Measured (2-core CPU, ~100 s): 0.0015 Å RMS, thickness
+    0.25 % RMS (grid search 3.3 %), max |ΔU| 8e-4 Å² (start 6e-3)."""
+    geometry = rotation_series(
+        experiment, alpha_start=-40.0, alpha_step=10.0, n_frames=8, semiangle=2.0
+    )
+    dataset = make_dataset(quartz, geometry, profile, n_sub=N_SUB, g_max=G_MAX, seed=2)
+    truth_thickness = dataset.attrs["synthetic_thickness"]
+    start = _displace(quartz, "O1", np.array([0.03, -0.03, 0.025]))
+    start = start.replace(u_cif=1.3 * quartz.u_cif)
+    assert 0.03 < _rms_distance(start, quartz) < 0.04
+    r = Refinement(
+        start,
+        dataset,
+        g_max=G_MAX,
+        n_sub=N_SUB,
+        thickness_grid=(100.0, 1000.0, 25.0),
+        learning_rates={"thickness": 1e-3},
+    )
+
+    def thickness_error(values) -> float:
+        return float(np.sqrt(np.mean(((values - truth_thickness) / truth_thickness) ** 2)))
+
+    grid_error = thickness_error(r.initial_thickness)
+    for _ in range(2):
+        r.run(40, progress=False)
+        r.use_best()
+        r.refine_structure(5)
+    assert not any("diverged" in m for m in r.messages)
+    position_error = _rms_distance(r.crystal, quartz)
+    final_error = thickness_error(r.thickness.values)
+    adp_error = np.abs(r.crystal.u_cif - quartz.u_cif).max()
+    print(
+        f"recovery: positions {position_error:.5f} Å RMS, thickness {100 * final_error:.2f} % "
+        f"RMS (grid search {100 * grid_error:.2f} %), max |ΔU| {adp_error:.2e} Å²"
+    )
+    assert position_error < 0.005
+    assert final_error < 0.05 and final_error < grid_error / 3
+    assert adp_error < 0.3 * np.abs(start.u_cif - quartz.u_cif).max()
