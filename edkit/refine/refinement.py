@@ -59,7 +59,7 @@ DEFAULT_LEARNING_RATES = {
     "occupancy": 3e-3,
     "orientation": 2e-4,
     "absorption": 3e-3,
-    "thickness": 1e-3,
+    "thickness": 5e-3,
 }
 THICKNESS_KINDS = ("constant", "per-frame", "platelet", "wedge", "profile-net", "map-net")
 
@@ -348,14 +348,14 @@ class Refinement:
         return {k: v for k, v in record.items() if np.ndim(v) == 0}
 
     @x64
-    def _figures(self, i_calc: np.ndarray) -> dict[str, float]:
+    def _figures(self, i_calc: np.ndarray, n_params: int = 0) -> dict[str, float]:
         mask = self.train_mask
         frames = self.setup.refl_frame
         n_frames = self.setup.n_frames
         weights = np.where(mask, 1.0 / np.maximum(self.sigma, 1e-12), 0.0)
         scale = metrics.scale_per_frame(self.i_obs, i_calc, frames, n_frames, weights)
         jana = metrics.jana_figures(
-            self.i_obs[mask], self.sigma[mask], (i_calc * scale[frames])[mask]
+            self.i_obs[mask], self.sigma[mask], (i_calc * scale[frames])[mask], n_params=n_params
         )
         mean_frame = metrics.mean_frame_r_obs(
             self.i_obs[mask], self.sigma[mask], i_calc[mask], frames[mask], n_frames
@@ -367,6 +367,8 @@ class Refinement:
             "wr_all": jana["wr_all"],
             "gof": jana["gof"],
             "r_obs_mean_frame": mean_frame,
+            "n_obs": jana["n_obs"],
+            "n_all": jana["n_all"],
         }
 
     @x64
@@ -530,17 +532,10 @@ class Refinement:
     @x64
     def report(self) -> dict[str, Any]:
         """Figures of merit of the current state (fractions, not %), with their conventions."""
-        i_calc = self.predict()
-        figures = self._figures(i_calc)
-        mask = self.train_mask
-        jana = metrics.jana_figures(
-            self.i_obs[mask], self.sigma[mask], i_calc[mask], n_params=self.n_parameters
-        )
+        # Jana's GoF: sqrt(Σw(ΔF)²/(N_obs − N_par)) with the refined structural parameters.
+        figures = self._figures(self.predict(), n_params=self.n_parameters)
         return {
             **figures,
-            "gof": jana["gof"],  # Jana: sqrt(Σw(ΔF)²/(N_obs − N_par))
-            "n_obs": jana["n_obs"],
-            "n_all": jana["n_all"],
             "n_frames": self.setup.n_frames,
             "n_parameters": self.n_parameters,
             "steps": self.step_count,
