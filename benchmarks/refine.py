@@ -31,6 +31,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--every", type=int, default=1, help="use every N-th frame")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="shard frames over N devices (CPU: set XLA_FLAGS host device count first)",
+    )
+    parser.add_argument("--precision", choices=("double", "single"), default="double")
     args = parser.parse_args()
     data_dir = files("edkit") / "data"
     crystal = edkit.read_cif(str(data_dir / "structures" / "quartz_kinematical.cif"))
@@ -38,7 +45,9 @@ def main() -> None:
     if args.every > 1:
         data = edkit.select_frames(data, slice(0, None, args.every))
     start = time.perf_counter()
-    refinement = edkit.Refinement(crystal, data, thickness="profile-net")
+    refinement = edkit.Refinement(
+        crystal, data, thickness="profile-net", devices=args.devices, precision=args.precision
+    )
     setup_seconds = time.perf_counter() - start
     setup = refinement.setup
     n_solves = setup.n_frames * setup.settings["n_sub"]
@@ -59,7 +68,7 @@ def main() -> None:
     n_free = int(refinement.mapping.position_mask.sum() + refinement.mapping.adp_mask.sum())
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} "
-        f"({jax.default_backend()}), complex128"
+        f"({jax.default_backend()}), {args.precision} precision, {args.devices} device(s)"
     )
     print(
         f"# {setup.n_frames} frames × {setup.settings['n_sub']} sub-orientations = {n_solves} "
