@@ -878,11 +878,8 @@ def _jana_residuals(i_obs, sigma, i_calc, mask, frames, n_frames):
 
 def _jana_denominator(i_obs: np.ndarray, sigma: np.ndarray) -> float:
     """Σ w F_o² with Jana's weights (the denominator of wR)."""
-    f_o = np.sqrt(np.maximum(i_obs, 0.0))
-    weak = i_obs < metrics.WEAK_SIGMA_CUT * sigma
-    sigma_f = np.where(weak, 5.0 * np.sqrt(sigma), 0.5 * sigma / np.where(weak, 1.0, f_o))
-    w = 1.0 / (sigma_f**2 + (metrics.JANA_INSTABILITY * f_o) ** 2)
-    return float(np.sum(w * f_o**2))
+    w = metrics._jana_weights_np(i_obs, sigma)  # one definition of the weights
+    return float(np.sum(w * np.maximum(i_obs, 0.0)))
 
 
 def _ueq(u_cif: np.ndarray, mapping) -> np.ndarray:
