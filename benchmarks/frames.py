@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import best_time  # benchmarks/timing.py (script dir on sys.path)
 
 from edkit.frames import build_frame_setup, frame_intensity_stack
 from edkit.io.cif import read_cif
@@ -35,15 +36,6 @@ from edkit.structure import structure_factors_of, structure_params, structure_ta
 jax.config.update("jax_enable_x64", True)  # a script, not the library: float64 throughout
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "edkit", "data")
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def solve_sizes(setup) -> np.ndarray:

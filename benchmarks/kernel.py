@@ -9,11 +9,11 @@ random beam sets (S ~ 1e-2 Å⁻¹, U ~ 1e-2 Å⁻²). Run: ``python benchmarks/
 import argparse
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import best_time  # benchmarks/timing.py (script dir on sys.path)
 
 from edkit.physics import bloch
 
@@ -29,15 +29,6 @@ def beam_sets(n: int, batch: int, seed: int = 0):
     u = rng.normal(scale=0.01, size=(n, n)) + 1j * rng.normal(scale=0.01, size=(n, n))
     u = 0.5 * (u + u.conj().T)
     return jnp.asarray(s), jnp.asarray(g_normal), jnp.asarray(u)
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

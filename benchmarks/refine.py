@@ -14,17 +14,9 @@ from importlib.resources import files
 
 import jax
 from flax import nnx
+from timing import best_time  # benchmarks/timing.py (script dir on sys.path)
 
 import edkit
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -60,11 +52,11 @@ def main() -> None:
         jax.block_until_ready(forward(state))
         jax.block_until_ready(value_and_grad(state))
         compile_seconds = time.perf_counter() - start
-        t_forward = best_of(lambda: forward(state), args.repeats)
-        t_epoch = best_of(lambda: value_and_grad(state), args.repeats)
+        t_forward = best_time(lambda: forward(state), args.repeats)
+        t_epoch = best_time(lambda: value_and_grad(state), args.repeats)
         jacobian = refinement._jacobian_function()
         jax.block_until_ready(jacobian(state))
-        t_jacobian = best_of(lambda: jacobian(state), max(1, args.repeats - 1))
+        t_jacobian = best_time(lambda: jacobian(state), max(1, args.repeats - 1))
     n_free = int(refinement.mapping.position_mask.sum() + refinement.mapping.adp_mask.sum())
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} "
