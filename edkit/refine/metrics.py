@@ -406,6 +406,17 @@ def _selection(mask: jax.Array) -> jax.Array:
     return mask if mask.dtype == jnp.bool_ else mask != 0
 
 
+def jana_weights(i_obs: jax.Array, sigma: jax.Array) -> jax.Array:
+    """Jana2020 weights on |F| in JAX, the twin of :func:`_jana_weights_np` (science.md §7).
+
+    w = 1/(σ_F² + (0.01 F_o)²), σ_F = σ/(2F_o), or 5√σ where I_o < 0.01σ; σ must be > 0.
+    """
+    f_o = _safe_sqrt(i_obs)
+    weak = i_obs < WEAK_SIGMA_CUT * sigma
+    sigma_f = jnp.where(weak, 5.0 * jnp.sqrt(sigma), 0.5 * sigma / jnp.where(weak, 1.0, f_o))
+    return 1.0 / (sigma_f**2 + (JANA_INSTABILITY * f_o) ** 2)
+
+
 def jana_wr_loss(
     i_obs: jax.Array,
     sigma: jax.Array,
@@ -446,9 +457,7 @@ def jana_wr_loss(
     i_c = jnp.where(sel, i_calc, 0.0)
     f_o = _safe_sqrt(i_o)
     f_c = _safe_sqrt(i_c)
-    weak = i_o < WEAK_SIGMA_CUT * s
-    sigma_f = jnp.where(weak, 5.0 * jnp.sqrt(s), 0.5 * s / jnp.where(weak, 1.0, f_o))
-    w = jnp.where(sel, 1.0 / (sigma_f**2 + (JANA_INSTABILITY * f_o) ** 2), 0.0)
+    w = jnp.where(sel, jana_weights(i_o, s), 0.0)
 
     num_k = jax.ops.segment_sum(w * f_o * f_c, frame_index, num_segments=n_frames)
     den_k = jax.ops.segment_sum(w * f_c * f_c, frame_index, num_segments=n_frames)

@@ -11,7 +11,7 @@ import math
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,7 +156,6 @@ class Refinement:
         self.best_loss = math.inf
         self.messages: list[str] = []
         self._records: list[dict[str, Any]] = []
-        self._last_i_calc: np.ndarray | None = None
         self._compiled_step: Callable | None = None
         self._jacobian: Callable | None = None
         self._predict: Callable | None = None
@@ -327,7 +326,6 @@ class Refinement:
 
     @x64
     def _record(self, loss: float, val: float, i_calc: np.ndarray) -> dict[str, float]:
-        self._last_i_calc = i_calc
         figures = self._figures(i_calc)
         model = nnx.merge(self.graphdef, self.state)
         with jax.enable_x64(True):
@@ -823,7 +821,6 @@ class Refinement:
         self.best_loss = float(config["best_loss"])
         self.messages = list(config["messages"])
         self._records = _records_from_history(folder / "history.nc")
-        self._last_i_calc = None
         self._compiled_step = None
         self._jacobian = None
         self._predict = None
@@ -867,9 +864,7 @@ def _jana_residuals(i_obs, sigma, i_calc, mask, frames, n_frames):
     s = jnp.where(sel, jnp.asarray(sigma), 1.0)
     f_o = jnp.sqrt(jnp.maximum(i_o, 0.0))
     f_c = jnp.sqrt(jnp.maximum(jnp.where(sel, i_calc, 1.0), 1e-30))
-    weak = i_o < metrics.WEAK_SIGMA_CUT * s
-    sigma_f = jnp.where(weak, 5.0 * jnp.sqrt(s), 0.5 * s / jnp.where(weak, 1.0, f_o))
-    w = jnp.where(sel, 1.0 / (sigma_f**2 + (metrics.JANA_INSTABILITY * f_o) ** 2), 0.0)
+    w = jnp.where(sel, metrics.jana_weights(i_o, s), 0.0)
     num = jax.ops.segment_sum(w * f_o * f_c, frames, num_segments=n_frames)
     den = jax.ops.segment_sum(w * f_c * f_c, frames, num_segments=n_frames)
     k = num / jnp.where(den > 0, den, 1.0)
@@ -941,10 +936,3 @@ def _solve_dtype(precision: str):
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
-
-
-def refine_sequence(value: Sequence[str] | str) -> tuple[str, ...]:
-    """Normalise a user's ``refine=`` choice ("positions,adp" or a sequence) to a tuple."""
-    if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    return tuple(value)
