@@ -28,6 +28,7 @@ from edkit.physics.constants import electron_wavelength, potential_prefactor
 from edkit.physics.orientation import rotation_x, rotation_y, rotation_z
 from edkit.physics.rocking import (
     LAB_BEAM,
+    WeakBeams,
     frame_intensities,
     sub_orientation_angles,
     sub_orientation_weights,
@@ -71,6 +72,10 @@ class FrameSetup:
       choices (g_max, sg_max, n_sub, rsg, dsg, mosaicity in degrees).
       buckets: frame positions grouped by padded beam count, one int array per bucket; frames of
         a bucket are solved at that bucket's size (``bucket_sizes``), not at n.
+      weak_hkl, weak_valid: beams folded in as Bethe potentials (``sg_weak``), (n_f, n_w, 3)
+        and (n_f, n_w); None without them. ``weak_sizes``: padded n_w of each bucket.
+      coupling_out, coupling_in: indices into ``differences`` of h_w − h_i, (n_f, n, n_w), and
+        of h_j − h_w, (n_f, n_w, n).
     """
 
     frame: np.ndarray
@@ -90,6 +95,11 @@ class FrameSetup:
     settings: dict[str, Any]
     buckets: tuple[np.ndarray, ...] = ()
     bucket_sizes: tuple[int, ...] = ()
+    weak_hkl: np.ndarray | None = None
+    weak_valid: np.ndarray | None = None
+    coupling_out: np.ndarray | None = None
+    coupling_in: np.ndarray | None = None
+    weak_sizes: tuple[int, ...] = ()
 
     @property
     def n_frames(self) -> int:
@@ -97,8 +107,15 @@ class FrameSetup:
 
     @property
     def n_beams(self) -> np.ndarray:
-        """Real beams per frame, (n_f,)."""
+        """Real beams per frame (solved exactly), (n_f,)."""
         return self.valid.sum(axis=1)
+
+    @property
+    def n_weak(self) -> np.ndarray:
+        """Weak beams per frame (Bethe potentials), (n_f,)."""
+        if self.weak_valid is None:
+            return np.zeros(self.n_frames, dtype=int)
+        return self.weak_valid.sum(axis=1)
 
 
 def bucket_size(n_beams: int) -> int:
@@ -135,6 +152,7 @@ def build_frame_setup(
     rsg: float = DEFAULT_RSG,
     dsg: float = DEFAULT_DSG,
     pad_to: int | None = None,
+    sg_weak: float | None = None,
 ) -> FrameSetup:
     """Plan the simulation of every frame of ``dataset`` (see :class:`FrameSetup`).
 
@@ -148,11 +166,16 @@ def build_frame_setup(
         absent). 0 disables it.
       rsg, dsg: Klar selection parameters (science.md §5).
       pad_to: pad beam lists to at least this size (to share compiled code across datasets).
+      sg_weak: Bethe potentials: beams whose smallest |S_g| over the frame lies in
+        (sg_max, sg_weak] are not solved but folded into the strong beams' coupling to second
+        order (:func:`edkit.physics.bloch.bethe_correction`), Å⁻¹; None: no weak beams.
     """
     check_cell(crystal, dataset)
     for name, value in (("g_max", g_max), ("sg_max", sg_max), ("rsg", rsg), ("dsg", dsg)):
         if not (np.isfinite(value) and value > 0):
             raise EdkitError(f"{name} = {value!r}: expected a positive number")
+    if sg_weak is not None and not (np.isfinite(sg_weak) and sg_weak > sg_max):
+        raise EdkitError(f"sg_weak = {sg_weak!r}: expected None or a number above sg_max")
     deg = np.pi / 180.0
     semiangles = dataset["semiangle"].values * deg
     if mosaicity is None:
@@ -179,28 +202,42 @@ def build_frame_setup(
     )
     candidates = reflections_within(reciprocal, g_max)
     g_candidates = candidates @ reciprocal
-    frame_beams = []
+    frame_beams, frame_weak = [], []
     for rotation, frame_angles in zip(rotations, angles, strict=True):
         k_hats = np.stack([(_rot_x(phi) @ rotation).T @ LAB_BEAM for phi in frame_angles])
         s = np.stack([excitation_errors_np(g_candidates, k, k_mag) for k in k_hats])
-        keep = np.min(np.abs(s), axis=0) <= sg_max
+        closest = np.min(np.abs(s), axis=0)
+        keep = closest <= sg_max
         keep[0] = True  # 000
         frame_beams.append(candidates[keep])
+        if sg_weak is not None:
+            frame_weak.append(candidates[~keep & (closest <= sg_weak)])
     sizes = np.array([max(bucket_size(len(b)), pad_to or 0) for b in frame_beams])
-    n_max = int(sizes.max())
-    hkl = np.zeros((len(frame_beams), n_max, 3), dtype=np.int64)
-    valid = np.zeros((len(frame_beams), n_max), dtype=bool)
-    for f, beams in enumerate(frame_beams):
-        hkl[f, : len(beams)] = beams
-        valid[f, : len(beams)] = True
-    diff = (hkl[:, None, :, :] - hkl[:, :, None, :]).reshape(-1, 3)  # h_j − h_i
+    hkl, valid = _padded(frame_beams, int(sizes.max()))
+    blocks = [hkl[:, None, :, :] - hkl[:, :, None, :]]  # h_j − h_i, (n_f, n, n, 3)
+    weak_hkl = weak_valid = None
+    weak_sizes: tuple[int, ...] = ()
+    if sg_weak is not None:
+        weak_hkl, weak_valid = _padded(frame_weak, bucket_size(max(len(b) for b in frame_weak)))
+        blocks.append(weak_hkl[:, None, :, :] - hkl[:, :, None, :])  # h_w − h_i, (n_f, n, n_w)
+        blocks.append(hkl[:, None, :, :] - weak_hkl[:, :, None, :])  # h_j − h_w, (n_f, n_w, n)
+        weak_sizes = tuple(
+            bucket_size(max(1, int(weak_valid[sizes == size].sum(axis=1).max())))
+            for size in np.unique(sizes)
+        )
+    diff = np.concatenate([b.reshape(-1, 3) for b in blocks])
     # One int64 key per difference: a 1-D unique is ~10× faster than unique(axis=0).
     offset = np.abs(diff).max() + 1
     keys = ((diff[:, 0] + offset) * (2 * offset + 1) + diff[:, 1] + offset) * (2 * offset + 1)
     keys += diff[:, 2] + offset
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     differences = diff[first]
-    coupling = inverse.reshape(hkl.shape[0], n_max, n_max).astype(np.int32)
+    indices = np.split(inverse.astype(np.int32), np.cumsum([b[..., 0].size for b in blocks])[:-1])
+    coupling = indices[0].reshape(blocks[0].shape[:3])
+    coupling_out = coupling_in = None
+    if sg_weak is not None:
+        coupling_out = indices[1].reshape(blocks[1].shape[:3])
+        coupling_in = indices[2].reshape(blocks[2].shape[:3])
 
     # Observed reflections: their frame, their beam, S at the frame centre and Klar's test.
     frame_ids = dataset["frame"].values
@@ -235,15 +272,31 @@ def build_frame_setup(
         wave_number=k_mag,
         buckets=tuple(np.nonzero(sizes == size)[0] for size in np.unique(sizes)),
         bucket_sizes=tuple(int(size) for size in np.unique(sizes)),
+        weak_hkl=weak_hkl,
+        weak_valid=weak_valid,
+        coupling_out=coupling_out,
+        coupling_in=coupling_in,
+        weak_sizes=weak_sizes,
         settings={
             "g_max": float(g_max),
             "sg_max": float(sg_max),
+            "sg_weak": None if sg_weak is None else float(sg_weak),
             "n_sub": int(n_sub),
             "rsg": float(rsg),
             "dsg": float(dsg),
             "mosaicity": float(mosaicity),
         },
     )
+
+
+def _padded(beam_lists: list[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stack per-frame hkl lists into (n_f, size, 3) with 000 padding and a validity mask."""
+    hkl = np.zeros((len(beam_lists), size, 3), dtype=np.int64)
+    valid = np.zeros((len(beam_lists), size), dtype=bool)
+    for f, beams in enumerate(beam_lists):
+        hkl[f, : len(beams)] = beams
+        valid[f, : len(beams)] = True
+    return hkl, valid
 
 
 def klar_selection(
@@ -331,9 +384,10 @@ def frame_intensity_stack(
 
     absorbing = absorption is not None
     shared = (f_all, k_mag, jnp.asarray(0.0 if absorption is None else absorption))
+    has_weak = setup.weak_hkl is not None
 
     def one_frame(inputs, shared):
-        rotation, angles, weights, hkl, valid, coupling, t, correction = inputs
+        rotation, angles, weights, hkl, valid, coupling, t, correction = inputs[:8]
         f_values, wave_number, kappa = shared
         rotation = small_rotation(correction) @ rotation
         k_hats = jax.vmap(lambda phi: (rotation_x(phi) @ rotation).T @ jnp.asarray(LAB_BEAM))(
@@ -342,9 +396,22 @@ def frame_intensity_stack(
         potential = prefactor * f_values[coupling]
         absorptive = kappa * potential if absorbing else None
         g_cart = hkl.astype(reciprocal.dtype) @ reciprocal
+        weak = None
+        if has_weak:
+            weak_hkl, weak_valid, coupling_out, coupling_in = inputs[8:]
+            potential_out = prefactor * f_values[coupling_out]
+            potential_in = prefactor * f_values[coupling_in]
+            weak = WeakBeams(
+                weak_hkl.astype(reciprocal.dtype) @ reciprocal,
+                weak_valid,
+                potential_out,
+                potential_in,
+                kappa * potential_out if absorbing else None,
+                kappa * potential_in if absorbing else None,
+            )
         return frame_intensities(
             k_hats, weights, g_cart, valid, potential, wave_number, t, absorptive,
-            absorption_method, solve_dtype,
+            absorption_method, solve_dtype, weak,
         )  # fmt: skip
 
     def map_frames(shared, *inputs):
@@ -360,17 +427,25 @@ def frame_intensity_stack(
         thickness,
         orientation_corrections,
     )
+    if has_weak:
+        arrays = (*arrays, setup.weak_hkl, setup.weak_valid, setup.coupling_out, setup.coupling_in)
     buckets = setup.buckets or (np.arange(n_frames),)
     sizes = setup.bucket_sizes or (setup.hkl.shape[1],)
+    weak_sizes = setup.weak_sizes or (None,) * len(sizes)
     outputs = []
-    for frames, size in zip(buckets, sizes, strict=True):
-        rotation, angles, weights, hkl, valid, coupling, t, correction = (
-            jnp.asarray(a)[frames] for a in arrays
-        )
+    for frames, size, n_w in zip(buckets, sizes, weak_sizes, strict=True):
+        selected = [jnp.asarray(a)[frames] for a in arrays]
+        rotation, angles, weights, hkl, valid, coupling, t, correction = selected[:8]
         bucket_inputs = (
             rotation, angles, weights, hkl[:, :size], valid[:, :size],
             coupling[:, :size, :size], t, correction,
         )  # fmt: skip
+        if has_weak:
+            weak_hkl, weak_valid, coupling_out, coupling_in = selected[8:]
+            bucket_inputs = (
+                *bucket_inputs, weak_hkl[:, :n_w], weak_valid[:, :n_w],
+                coupling_out[:, :size, :n_w], coupling_in[:, :n_w, :size],
+            )  # fmt: skip
         if devices > 1:
             out = _sharded(map_frames, shared, bucket_inputs, devices)
         else:
@@ -555,7 +630,7 @@ def frame_comparison(
         },
         coords={"frame": setup.frame},
         attrs={
-            **{k: v for k, v in setup.settings.items()},
+            **{k: v for k, v in setup.settings.items() if v is not None},
             "voltage": setup.voltage,
             "wave_number": setup.wave_number,
             "frames_without_scored": " ".join(str(f) for f in setup.frame[n_scored == 0]),

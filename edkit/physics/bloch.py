@@ -206,6 +206,32 @@ def propagate_perturbative(
     )
 
 
+def bethe_correction(
+    coupling_out: jax.Array,
+    coupling_in: jax.Array,
+    weak_excitation_error: jax.Array,
+    k_mag: float | jax.Array,
+) -> jax.Array:
+    """Second-order (Bethe) correction of the strong beams' coupling by weak beams, Å⁻².
+
+    Eliminating weak beams w from (A − γ)C = 0 with A_ww − γ ≈ 2K S_w M_w² (weak beams are far
+    from the Ewald sphere: |2K S_w| ≫ |U| ≈ |γ|) leaves the strong block
+    A_eff = A_SS − M_i M_j C_ij with C_ij = Σ_w U(h_w − h_i) U(h_j − h_w) / (2K S_w); the weak
+    beams' metric factors cancel.
+
+    Args:
+      coupling_out: U(h_w − h_i) (plus i U' when absorbing), Å⁻², complex, shape (n, n_w).
+      coupling_in: U(h_j − h_w) (plus i U'), Å⁻², complex, shape (n_w, n).
+      weak_excitation_error: S_w, Å⁻¹, shape (n_w,); padding weak beams must carry zero coupling.
+      k_mag: |K|, Å⁻¹.
+
+    Returns:
+      C, complex, shape (n, n); Hermitian when the couplings are U alone (U(−g) = U(g)*).
+    """
+    inverse = 1.0 / (2.0 * k_mag * weak_excitation_error)
+    return (coupling_out * inverse[None, :]) @ coupling_in
+
+
 def bloch_intensities(
     excitation_error: jax.Array,
     g_normal: jax.Array,
@@ -215,6 +241,7 @@ def bloch_intensities(
     absorptive: jax.Array | None = None,
     method: AbsorptionMethod = "eig",
     solve_dtype: jnp.dtype | None = None,
+    bethe: jax.Array | None = None,
 ) -> jax.Array:
     """Beam intensities I_g(t) = |ψ_g(t)|² for one orientation, ψ(0) = e₀₀₀ (beam 0 is 000).
 
@@ -230,14 +257,21 @@ def bloch_intensities(
       solve_dtype: complex dtype of the eigendecomposition and propagation (e.g.
         ``jnp.complex64``: ~1.5× faster, intensities to ~1e-5 relative); None keeps the input
         precision. Geometry and structure factors stay in the caller's precision.
+      bethe: weak-beam correction C from :func:`bethe_correction`, Å⁻², shape (n, n), or None.
+        Built from U alone it is Hermitian and joins A; with absorption, build it from U + iU'
+        (exact routes) — the perturbative route takes only its Hermitian part.
 
     Returns:
       Intensities, shape (n_t, n), in the precision of ``potential``'s real part.
     """
     metric = metric_factors(g_normal, k_mag)
     scale = jnp.pi / k_mag
+    outer = metric[:, None] * metric[None, :]
     a = structure_matrix(excitation_error, metric, potential, k_mag)
     out_dtype = jnp.real(a).dtype
+    if bethe is not None and (absorptive is None or method == "perturbative"):
+        hermitian = 0.5 * (bethe + jnp.conj(bethe).T)
+        a = a - outer * hermitian
 
     def cast(x):
         return x if solve_dtype is None else x.astype(solve_dtype)
@@ -246,10 +280,13 @@ def bloch_intensities(
     if absorptive is None:
         psi = propagate_hermitian(cast(scale * a), t)
     elif method == "perturbative":
-        a_abs = absorptive * (metric[:, None] * metric[None, :])
+        a_abs = absorptive * outer
         psi = propagate_perturbative(cast(scale * a), cast(scale * a_abs), t)
     else:
-        b = cast(scale * structure_matrix(excitation_error, metric, potential, k_mag, absorptive))
+        b = structure_matrix(excitation_error, metric, potential, k_mag, absorptive)
+        if bethe is not None:
+            b = b - outer * bethe
+        b = cast(scale * b)
         psi = propagate_general(b, t) if method == "eig" else propagate_expm(b, t)
     # ψ = M exp(iπtA/K) M⁻¹ e₀ and M₀ = 1 for g = 0.
     return (jnp.abs(psi.astype(a.dtype) * (metric[None, :] / metric[0])) ** 2).astype(out_dtype)

@@ -5,6 +5,8 @@ A frame integrates the intensities of N sub-orientations R_x(φ_k) O_i, φ_k eve
 *inert* beams (no coupling, far off the Ewald sphere) so one compiled function serves all frames.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,25 @@ from edkit.physics.orientation import rotation_x
 INERT_EXCITATION_ERROR = 10.0
 #: Lab-frame direction of the electrons' travel (science.md §5: the beam travels along −z).
 LAB_BEAM = np.array([0.0, 0.0, -1.0])
+
+
+class WeakBeams(NamedTuple):
+    """Beams of a frame that are folded into the strong ones as Bethe potentials.
+
+    Attributes (n strong beams, n_w weak beams):
+      g_cart: weak beams' reciprocal vectors, crystal axes, Å⁻¹, (n_w, 3).
+      valid: False for padding, bool, (n_w,).
+      potential_out: U(h_w − h_i), Å⁻², complex, (n, n_w).
+      potential_in: U(h_j − h_w), Å⁻², complex, (n_w, n).
+      absorptive_out, absorptive_in: the same for U', or None.
+    """
+
+    g_cart: jax.Array
+    valid: jax.Array
+    potential_out: jax.Array
+    potential_in: jax.Array
+    absorptive_out: jax.Array | None = None
+    absorptive_in: jax.Array | None = None
 
 
 def sub_orientation_angles(semiangle: float, n_sub: int, mosaicity: float = 0.0) -> np.ndarray:
@@ -76,6 +97,7 @@ def frame_intensities(
     absorptive: jax.Array | None = None,
     method: bloch.AbsorptionMethod = "eig",
     solve_dtype: jnp.dtype | None = None,
+    weak: WeakBeams | None = None,
 ) -> jax.Array:
     """Rocking-curve-integrated intensities of one frame, shape (n_t, n).
 
@@ -90,6 +112,7 @@ def frame_intensities(
       absorptive: U'(h_j − h_i), complex, shape (n, n), or None.
       method: absorptive route (see ``bloch.bloch_intensities``).
       solve_dtype: complex dtype of the solves (see ``bloch.bloch_intensities``).
+      weak: beams folded into the strong ones as Bethe potentials, or None.
 
     Returns:
       Σ_k w_k I_g(t; k), shape (n_t, n); zero on padding beams.
@@ -99,12 +122,27 @@ def frame_intensities(
     if absorptive is not None:
         absorptive = jnp.where(coupled, absorptive, 0.0)
 
+    if weak is not None:
+        # U + iU' between strong and weak beams; padding (invalid) pairs carry zero coupling.
+        pair_out = valid[:, None] & weak.valid[None, :]
+        pair_in = weak.valid[:, None] & valid[None, :]
+        coupling_out = jnp.where(pair_out, weak.potential_out, 0.0)
+        coupling_in = jnp.where(pair_in, weak.potential_in, 0.0)
+        if absorptive is not None and weak.absorptive_out is not None:
+            coupling_out = coupling_out + 1j * jnp.where(pair_out, weak.absorptive_out, 0.0)
+            coupling_in = coupling_in + 1j * jnp.where(pair_in, weak.absorptive_in, 0.0)
+
     def one(k_hat):
         s = bloch.excitation_errors(g_cart, k_hat, k_mag)
         s = jnp.where(valid, s, INERT_EXCITATION_ERROR)
         g_normal = jnp.where(valid, g_cart @ k_hat, 0.0)
+        bethe = None
+        if weak is not None:
+            s_weak = bloch.excitation_errors(weak.g_cart, k_hat, k_mag)
+            s_weak = jnp.where(weak.valid, s_weak, INERT_EXCITATION_ERROR)
+            bethe = bloch.bethe_correction(coupling_out, coupling_in, s_weak, k_mag)
         return bloch.bloch_intensities(
-            s, g_normal, potential, k_mag, thickness, absorptive, method, solve_dtype
+            s, g_normal, potential, k_mag, thickness, absorptive, method, solve_dtype, bethe
         )
 
     intensities = jax.vmap(one)(k_hats)  # (n_sub, n_t, n)
