@@ -30,6 +30,8 @@ def main() -> None:
         help="shard frames over N devices (CPU: set XLA_FLAGS host device count first)",
     )
     parser.add_argument("--precision", choices=("double", "single"), default="double")
+    parser.add_argument("--sg-max", type=float, default=None, help="strong-beam cutoff, Å⁻¹")
+    parser.add_argument("--sg-weak", type=float, default=None, help="Bethe cutoff, Å⁻¹")
     args = parser.parse_args()
     data_dir = files("edkit") / "data"
     crystal = edkit.read_cif(str(data_dir / "structures" / "quartz_kinematical.cif"))
@@ -38,7 +40,13 @@ def main() -> None:
         data = edkit.select_frames(data, slice(0, None, args.every))
     start = time.perf_counter()
     refinement = edkit.Refinement(
-        crystal, data, thickness="profile-net", devices=args.devices, precision=args.precision
+        crystal,
+        data,
+        thickness="profile-net",
+        devices=args.devices,
+        precision=args.precision,
+        **({} if args.sg_max is None else {"sg_max": args.sg_max}),
+        sg_weak=args.sg_weak,
     )
     setup_seconds = time.perf_counter() - start
     setup = refinement.setup

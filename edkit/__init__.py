@@ -15,6 +15,7 @@ JAX flag is never flipped on import. ``import edkit`` loads no widget library.
 from edkit import metrics, synthetic
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
+from edkit.examples import example_file, example_files
 from edkit.frames import build_frame_setup, klar_selection, simulate_frames, thickness_search
 from edkit.io.cif import read_cif, write_cif
 from edkit.io.pets import frame_orientations, read_pets, select_frames, write_pets
@@ -26,6 +27,8 @@ __all__ = [
     "EdkitError",
     "Refinement",
     "build_frame_setup",
+    "example_file",
+    "example_files",
     "frame_orientations",
     "klar_selection",
     "metrics",

@@ -5,16 +5,12 @@ import json
 import os
 import sys
 import time
-from importlib.resources import files
 from pathlib import Path
 
 from edkit.errors import EdkitError
+from edkit.examples import example_file
 
 THICKNESS_CHOICES = ("constant", "per-frame", "platelet", "wedge", "profile-net", "map-net")
-
-
-def _bundled(kind: str, name: str) -> Path:
-    return Path(str(files("edkit") / "data" / kind / name))
 
 
 def _refine(args: argparse.Namespace) -> dict:
@@ -150,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             + f" --xla_force_host_platform_device_count={args.devices}"
         ).strip()
     if args.command == "demo":
-        args.structure = _bundled("structures", "quartz_kinematical.cif")
-        args.data = _bundled("pets", "quartz_experimental.cif_pets")
+        args.structure = example_file("quartz_kinematical.cif")
+        args.data = example_file("quartz_experimental.cif_pets")
         print(f"edkit demo: {args.structure.name} against {args.data.name}", flush=True)
     try:
         report = _refine(args)

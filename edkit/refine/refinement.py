@@ -14,7 +14,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,9 @@ from edkit.refine import metrics
 from edkit.refine.parameters import structure_mapping
 from edkit.structure import structure_tables
 
+if TYPE_CHECKING:
+    from edkit.widgets.refinement_panel import RefinementPanel
+
 CHECKPOINT_VERSION = 1
 GROUPS = ("positions", "adp", "occupancy", "orientation", "absorption", "thickness")
 #: Adam step sizes in each group's own units: Å, Å², 1, radians, 1 (κ), network units.
@@ -73,6 +76,7 @@ class RefinementOptions:
     absorption: float | None = None
     g_max: float = DEFAULT_G_MAX
     sg_max: float = DEFAULT_SG_MAX
+    sg_weak: float | None = None
     n_sub: int | None = None
     objective: str = "jana"
     learning_rates: dict[str, float] = field(default_factory=dict)
@@ -106,7 +110,9 @@ class Refinement:
       thickness: the thickness model: "constant", "per-frame", "platelet", "wedge",
         "profile-net" (the paper's α → (μ, σ) network) or "map-net" (a thickness map).
       absorption: κ of the proportional absorption model U' = κU (None: no absorption).
-      g_max, sg_max, n_sub: beam and rocking-curve settings (see ``build_frame_setup``).
+      g_max, sg_max, n_sub, sg_weak: beam and rocking-curve settings (see
+        ``build_frame_setup``; ``sg_weak`` folds beams with sg_max < |S_g| ≤ sg_weak in as
+        Bethe potentials).
       objective: "jana" (wR on |F|, Jana weights) or "wr2" (diffBloch's per-frame intensity wR2).
       learning_rates: per-group Adam step sizes overriding ``DEFAULT_LEARNING_RATES``.
       decay_steps: learning rates decay as 1/(1 + step/decay_steps).
@@ -125,9 +131,7 @@ class Refinement:
         self.dataset = dataset
         opts = self.options
         with jax.enable_x64(True):
-            self.setup: FrameSetup = build_frame_setup(
-                crystal, dataset, g_max=opts.g_max, sg_max=opts.sg_max, n_sub=opts.n_sub
-            )
+            self.setup: FrameSetup = _setup_from(crystal, dataset, opts)
             if not self.setup.scored.any():
                 raise EdkitError(
                     f"no reflection of {dataset.attrs.get('source_file', 'the dataset')} is "
@@ -155,6 +159,8 @@ class Refinement:
         self.best_step = 0
         self.best_loss = math.inf
         self.messages: list[str] = []
+        #: The latest :meth:`uncertainties` with "steps" (``step_count`` then); None before.
+        self.last_uncertainties: dict[str, np.ndarray] | None = None
         self._records: list[dict[str, Any]] = []
         self._compiled_step: Callable | None = None
         self._jacobian: Callable | None = None
@@ -389,6 +395,13 @@ class Refinement:
             if callback is not None and callback(self, record) is False:
                 break
         return self
+
+    def panel(self, **options: Any) -> "RefinementPanel":
+        """A Jupyter control panel for this refinement (Step/Run/Stop, learning rates, live
+        curves, parameter table): :class:`edkit.widgets.RefinementPanel` with ``options``."""
+        from edkit.widgets.refinement_panel import RefinementPanel  # widget libraries: lazily
+
+        return RefinementPanel(self, **options)
 
     # ------------------------------------------------------------------------------ results
     @property
@@ -661,6 +674,7 @@ class Refinement:
 
         Returns:
           {"fract": (n, 3), "u_cif": (n, 3, 3), "gof": ()}; zero where a parameter is fixed.
+          Also kept as ``last_uncertainties`` with "steps" (``step_count`` when computed).
         """
         if self._jacobian is None:
             self._jacobian = self._jacobian_function()
@@ -686,7 +700,9 @@ class Refinement:
                 rows = np.nonzero(index[:, 0] == atom)[0]
                 b = basis[atom][:, index[rows, 1]]
                 out[atom] = np.sqrt(np.maximum(np.diag(b @ cov[np.ix_(rows, rows)] @ b.T), 0.0))
-        return {"fract": fract_su, "u_cif": adp_matrix(u_su), "gof": np.asarray(gof)}
+        result = {"fract": fract_su, "u_cif": adp_matrix(u_su), "gof": np.asarray(gof)}
+        self.last_uncertainties = {**result, "steps": np.asarray(self.step_count)}
+        return result
 
     @x64
     def write_cif(self, path: str | Path, *, with_uncertainties: bool = True) -> None:
@@ -782,9 +798,7 @@ class Refinement:
         self.start_crystal, self.dataset = crystal, dataset
         opts = self.options
         with jax.enable_x64(True):
-            self.setup = build_frame_setup(
-                crystal, dataset, g_max=opts.g_max, sg_max=opts.sg_max, n_sub=opts.n_sub
-            )
+            self.setup = _setup_from(crystal, dataset, opts)
             self.mapping = structure_mapping(crystal, riding=opts.riding)
             self.features = _features(dataset, self.setup)
             self.context = ForwardContext(
@@ -825,6 +839,7 @@ class Refinement:
         self._jacobian = None
         self._predict = None
         self.thickness_search_result = None
+        self.last_uncertainties = None
 
 
 def _fill(template, arrays, prefix: str):
@@ -855,6 +870,13 @@ def _records_from_history(path: Path) -> list[dict[str, Any]]:
         record["thickness"] = history["thickness"].values[i]
         records.append(record)
     return records
+
+
+def _setup_from(crystal: Crystal, dataset: xr.Dataset, opts: RefinementOptions) -> FrameSetup:
+    return build_frame_setup(
+        crystal, dataset, g_max=opts.g_max, sg_max=opts.sg_max, n_sub=opts.n_sub,
+        sg_weak=opts.sg_weak,
+    )  # fmt: skip
 
 
 def _jana_residuals(i_obs, sigma, i_calc, mask, frames, n_frames):

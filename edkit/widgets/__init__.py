@@ -1,0 +1,56 @@
+"""Jupyter widgets for edkit (ipywidgets layouts with live HoloViews/Bokeh plots).
+
+``import edkit`` never imports this package; importing it loads ipywidgets, HoloViews, Panel
+and Bokeh only when one of its names is first used::
+
+    from edkit.widgets import RefinementPanel, ThicknessView, FrameComparison, BlochExplorer
+
+    panel = refinement.panel(thickness_view=True)   # or RefinementPanel(refinement)
+    panel                                           # Step / Run / Stop, rates, live curves
+    FrameComparison(refinement)                     # measured vs simulated spots per frame
+    BlochExplorer()                                 # two-beam vs many-beam, bundled quartz
+
+Every widget has ``.widget`` (its top-level ipywidgets container) and displays itself. Plots
+update through HoloViews streams, and Bokeh's and Panel's resources are inlined (no CDN; see
+:mod:`edkit.widgets.bridge`).
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edkit.widgets.bloch import BlochExplorer
+    from edkit.widgets.bridge import HoloViewsWidget, extension
+    from edkit.widgets.frames import FrameComparison
+    from edkit.widgets.refinement_panel import RefinementPanel
+    from edkit.widgets.thickness import ThicknessView
+
+_LAZY = {
+    "BlochExplorer": "edkit.widgets.bloch",
+    "FrameComparison": "edkit.widgets.frames",
+    "HoloViewsWidget": "edkit.widgets.bridge",
+    "RefinementPanel": "edkit.widgets.refinement_panel",
+    "ThicknessView": "edkit.widgets.thickness",
+    "extension": "edkit.widgets.bridge",
+}
+
+__all__ = [
+    "BlochExplorer",
+    "FrameComparison",
+    "HoloViewsWidget",
+    "RefinementPanel",
+    "ThicknessView",
+    "extension",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'edkit.widgets' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
