@@ -1,16 +1,24 @@
-"""Refinement epoch benchmark on the real quartz settings.
+"""Refinement epoch benchmark on the real quartz settings, method against method in one run.
 
 One epoch = value and gradient of the refinement loss over all frames (99 frames × the default
-sub-orientations, g_max 1.6 Å⁻¹, profile-net thickness). Prints seconds per epoch, the forward
-pass alone, their ratio, and the Levenberg–Marquardt Jacobian time (P tangent passes).
-Run: ``python benchmarks/refine.py [--every N]``.
+sub-orientations, g_max 1.6 Å⁻¹, profile-net thickness). Each method runs in its own process
+(so its peak memory is its own) and prints: seconds per epoch, the forward pass alone, their
+ratio, the number of eigendecompositions and their mean size, the peak resident memory, and the
+epoch's ratio to the first method (the first refinement version: every beam with |S_g| ≤ 0.015
+solved exactly, all frames padded to one size, complex128).
+
+Run: ``python benchmarks/refine.py [--every N] [--methods a,b,…]``.
 """
 
 import argparse
+import dataclasses
+import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 import time
-from importlib.resources import files
 
 import jax
 from flax import nnx
@@ -18,40 +26,36 @@ from timing import best_time  # benchmarks/timing.py (script dir on sys.path)
 
 import edkit
 
+#: name → (Refinement options, pad every frame to the largest bucket, description)
+METHODS: dict[str, tuple[dict, bool, str]] = {
+    "v1": ({"sg_max": 0.015}, True, "|S|≤0.015 exact, one padded size, complex128"),
+    "buckets": ({"sg_max": 0.015}, False, "|S|≤0.015 exact, beam-count buckets"),
+    "bethe": ({"sg_max": 0.005, "sg_weak": 0.03}, False, "|S|≤0.005 exact + Bethe ≤0.03"),
+    "bethe-single": (
+        {"sg_max": 0.005, "sg_weak": 0.03, "precision": "single"},
+        False,
+        "Bethe, complex64 solves",
+    ),
+}
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--every", type=int, default=1, help="use every N-th frame")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--devices",
-        type=int,
-        default=1,
-        help="shard frames over N devices (CPU: set XLA_FLAGS host device count first)",
-    )
-    parser.add_argument("--precision", choices=("double", "single"), default="double")
-    parser.add_argument("--sg-max", type=float, default=None, help="strong-beam cutoff, Å⁻¹")
-    parser.add_argument("--sg-weak", type=float, default=None, help="Bethe cutoff, Å⁻¹")
-    args = parser.parse_args()
-    data_dir = files("edkit") / "data"
-    crystal = edkit.read_cif(str(data_dir / "structures" / "quartz_kinematical.cif"))
-    data = edkit.read_pets(str(data_dir / "pets" / "quartz_experimental.cif_pets"))
-    if args.every > 1:
-        data = edkit.select_frames(data, slice(0, None, args.every))
+
+def measure(name: str, every: int, repeats: int, devices: int) -> dict:
+    """Set up one method's refinement and time its forward pass and epoch (this process)."""
+    options, one_size, _ = METHODS[name]
+    crystal = edkit.read_cif(edkit.example_file("quartz_kinematical.cif"))
+    data = edkit.read_pets(edkit.example_file("quartz_experimental.cif_pets"))
+    if every > 1:
+        data = edkit.select_frames(data, slice(0, None, every))
     start = time.perf_counter()
     refinement = edkit.Refinement(
-        crystal,
-        data,
-        thickness="profile-net",
-        devices=args.devices,
-        precision=args.precision,
-        **({} if args.sg_max is None else {"sg_max": args.sg_max}),
-        sg_weak=args.sg_weak,
+        crystal, data, thickness="profile-net", devices=devices, **options
     )
+    if one_size:  # the first version: no buckets, every frame at the largest size
+        setup = dataclasses.replace(refinement.setup, buckets=(), bucket_sizes=())
+        refinement.setup = setup
+        refinement.context = dataclasses.replace(refinement.context, setup=setup)
     setup_seconds = time.perf_counter() - start
     setup = refinement.setup
-    n_solves = setup.n_frames * setup.settings["n_sub"]
-
     with jax.enable_x64(True):
         forward = jax.jit(lambda s: nnx.merge(refinement.graphdef, s)(refinement.context).i_calc)
         value_and_grad = jax.jit(jax.value_and_grad(lambda s: refinement._loss_terms(s)[0]))
@@ -60,33 +64,69 @@ def main() -> None:
         jax.block_until_ready(forward(state))
         jax.block_until_ready(value_and_grad(state))
         compile_seconds = time.perf_counter() - start
-        t_forward = best_time(lambda: forward(state), args.repeats)
-        t_epoch = best_time(lambda: value_and_grad(state), args.repeats)
-        jacobian = refinement._jacobian_function()
-        jax.block_until_ready(jacobian(state))
-        t_jacobian = best_time(lambda: jacobian(state), max(1, args.repeats - 1))
-    n_free = int(refinement.mapping.position_mask.sum() + refinement.mapping.adp_mask.sum())
+        t_forward = best_time(lambda: forward(state), repeats)
+        t_epoch = best_time(lambda: value_and_grad(state), repeats)
+    sizes = (
+        [setup.hkl.shape[1]] * setup.n_frames
+        if not setup.buckets
+        else [s for b, s in zip(setup.buckets, setup.bucket_sizes, strict=True) for _ in b]
+    )
+    return {
+        "name": name,
+        "frames": setup.n_frames,
+        "n_sub": setup.settings["n_sub"],
+        "solves": setup.n_frames * setup.settings["n_sub"],
+        "mean_size": float(sum(sizes) / len(sizes)),
+        "beams": float(setup.n_beams.mean()),
+        "weak": float(setup.n_weak.mean()),
+        "setup": setup_seconds,
+        "compile": compile_seconds,
+        "forward": t_forward,
+        "epoch": t_epoch,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--every", type=int, default=1, help="use every N-th frame")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="shard frames over N devices (CPU: set XLA_FLAGS host device count first)",
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: one method, JSON out
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.every, args.repeats, args.devices)))
+        return
+    names = args.methods.split(",")
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} "
-        f"({jax.default_backend()}), {args.precision} precision, {args.devices} device(s)"
+        f"({jax.default_backend()}), {args.devices} device(s); real quartz, every "
+        f"{args.every} frame(s), profile-net thickness"
     )
-    print(
-        f"# {setup.n_frames} frames × {setup.settings['n_sub']} sub-orientations = {n_solves} "
-        f"solves, beams/frame mean {setup.n_beams.mean():.1f} max {setup.n_beams.max()}, "
-        f"buckets {setup.bucket_sizes}"
+    header = (
+        f"{'method':13} {'solves':>6} {'size':>5} {'weak':>5} {'fwd s':>7} {'epoch s':>8} "
+        f"{'ep/fwd':>6} {'vs v1':>6} {'peak MB':>8}  description"
     )
-    print(f"set-up (beams, grid search, network fit) {setup_seconds:8.2f} s")
-    print(f"compile (forward + value&grad)          {compile_seconds:8.2f} s")
-    print(f"forward pass                            {t_forward:8.3f} s")
-    print(
-        f"epoch (value and gradient)              {t_epoch:8.3f} s   "
-        f"ratio {t_epoch / t_forward:.2f}"
-    )
-    print(
-        f"LM Jacobian ({n_free} parameters)          {t_jacobian:8.3f} s   "
-        f"ratio {t_jacobian / t_forward:.2f}"
-    )
-    print(f"solves per second (epoch)               {n_solves / t_epoch:8.0f}")
+    print(header)
+    first = None
+    for name in names:
+        command = [sys.executable, __file__, "--one", name, "--every", str(args.every)]
+        command += ["--repeats", str(args.repeats), "--devices", str(args.devices)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        first = first or row
+        print(
+            f"{name:13} {row['solves']:6d} {row['mean_size']:5.0f} {row['weak']:5.1f} "
+            f"{row['forward']:7.3f} {row['epoch']:8.3f} {row['epoch'] / row['forward']:6.2f} "
+            f"{first['epoch'] / row['epoch']:6.2f} {row['peak_mb']:8.0f}  {METHODS[name][2]}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ def _refine(args: argparse.Namespace) -> dict:
     if args.every > 1:
         dataset = select_frames(dataset, slice(0, None, args.every))
     started = time.perf_counter()
-    refine = ["positions", "adp", "thickness"]
-    if args.absorption is not None and args.refine_absorption:
+    refine = [group.strip() for group in args.refine.split(",") if group.strip()]
+    if args.absorption is not None and args.refine_absorption and "absorption" not in refine:
         refine.append("absorption")
     refinement = Refinement(
         crystal,
@@ -37,6 +37,7 @@ def _refine(args: argparse.Namespace) -> dict:
         absorption=args.absorption,
         g_max=args.g_max,
         sg_max=args.sg_max,
+        sg_weak=args.sg_weak if args.sg_weak > 0 else None,
         n_sub=args.n_sub,
         seed=args.seed,
         devices=args.devices,
@@ -104,7 +105,19 @@ def _add_refine_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--refine-absorption", action="store_true", help="refine κ too")
     parser.add_argument("--g-max", type=float, default=1.6, help="Å⁻¹")
-    parser.add_argument("--sg-max", type=float, default=0.015, help="Å⁻¹")
+    parser.add_argument(
+        "--sg-max", type=float, default=0.005,
+        help="beams solved exactly: smallest |S_g| over the frame ≤ this, Å⁻¹",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sg-weak", type=float, default=0.03,
+        help="beams up to this |S_g| join as Bethe potentials, Å⁻¹ (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--refine", default="positions,adp,thickness,orientation",
+        help="comma-separated groups: positions, adp, occupancy, orientation, absorption, "
+        "thickness",
+    )  # fmt: skip
     parser.add_argument("--n-sub", type=int, default=None, help="sub-orientations per frame")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=int, default=1, help="use every N-th frame only")

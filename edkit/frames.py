@@ -349,6 +349,7 @@ def frame_intensity_stack(
     batch_size: int = 8,
     solve_dtype: jnp.dtype | None = None,
     devices: int = 1,
+    remat: bool = False,
 ) -> jax.Array:
     """Rocking-curve intensities of every frame for each of its thicknesses.
 
@@ -368,6 +369,9 @@ def frame_intensity_stack(
         intensity accuracy for speed); None keeps complex128 under x64.
       devices: shard the frames of each bucket over this many devices (``jax.shard_map``;
         on CPU set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts).
+      remat: recompute each frame's forward pass during the backward pass
+        (``jax.checkpoint``) instead of storing its eigensystems: gradient memory of one batch
+        of frames instead of all, for about one more forward pass.
 
     Returns:
       Intensities, (n_f, n_t, n); zero on padding beams.
@@ -414,8 +418,10 @@ def frame_intensity_stack(
             absorption_method, solve_dtype, weak,
         )  # fmt: skip
 
+    frame_function = jax.checkpoint(one_frame) if remat else one_frame
+
     def map_frames(shared, *inputs):
-        return jax.lax.map(lambda x: one_frame(x, shared), inputs, batch_size=batch_size)
+        return jax.lax.map(lambda x: frame_function(x, shared), inputs, batch_size=batch_size)
 
     arrays = (
         setup.rotations,
