@@ -324,6 +324,14 @@ def test_format_with_su(value: float, su: float | None, text: str) -> None:
     assert format_with_su(value, su) == text
 
 
+def test_format_with_su_treats_rounding_level_su_as_fixed() -> None:
+    """A coordinate tied by site symmetry gets s.u. ~1e-20 from the normal matrix: no 21-digit
+    value (seen on refined quartz Si1 x), the bare value instead."""
+    assert format_with_su(1.0, 5e-21) == "1"
+    assert format_with_su(0.4713, 3e-17) == "0.4713"
+    assert format_with_su(0.4713, 2e-4) == "0.4713(2)"
+
+
 def test_format_with_su_reads_back() -> None:
     for value, su in [(0.12345, 0.00006), (1.2345, 0.0013), (12.3, 1.5)]:
         text = format_with_su(value, su)

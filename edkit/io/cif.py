@@ -541,7 +541,8 @@ def format_with_su(value: float, su: float | None = None) -> str:
 
     The s.u. is shown with two digits when they read 10–19, else with one digit, and the value
     is rounded to the same last decimal (half up). An s.u. of None, ≤ 0 or non-finite (a fixed
-    parameter) writes the bare value (shortest form that reads back, at most 10 decimals).
+    parameter), or at rounding level (≤ 1e-12 relative), writes the bare value (shortest form
+    that reads back, at most 10 decimals).
     An s.u. reaching the units place is written in units: 12345 ± 230 → "12300(200)". A
     non-finite value writes "?" (CIF's unknown).
 
@@ -551,7 +552,8 @@ def format_with_su(value: float, su: float | None = None) -> str:
     value = float(value)
     if not math.isfinite(value):
         return "?"
-    if su is None or not math.isfinite(float(su)) or float(su) <= 0:
+    # An s.u. at rounding level (e.g. 1e-20 on a coordinate tied by site symmetry) is a fixed one.
+    if su is None or not math.isfinite(float(su)) or float(su) <= 1e-12 * max(1.0, abs(value)):
         return _bare(value)
     su_d = Decimal(repr(abs(float(su))))
 
