@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow test-notebooks test-binder test-browser lint bench clean
+
+# Seconds one notebook cell may run in test-notebooks / test-binder.
+NB_CELL_TIMEOUT ?= 300
 
 $(STAMP): pyproject.toml scripts/find-python.sh
 	@PYTHON=$$(scripts/find-python.sh) || exit 1; \
@@ -25,8 +28,23 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Execute every notebook in notebooks/ (fails on the first cell that raises).
+test-notebooks: $(STAMP)
+	$(PY) -m pytest -q --nbmake --nbmake-timeout=$(NB_CELL_TIMEOUT) notebooks
+
+# A fresh venv from binder/requirements.txt + binder/postBuild, then every notebook in it.
+test-binder:
+	NB_CELL_TIMEOUT=$(NB_CELL_TIMEOUT) scripts/test-binder.sh
+
+# The RefinementPanel in Debian's Chromium through Voila (installs Chromium when missing: CI
+# runs as root on Debian). EDKIT_SCREENSHOT=1 also refreshes docs/panel.png.
+test-browser: $(STAMP)
+	$(PY) -m pip install -q -e '.[browser]'
+	@test -x /usr/bin/chromium || { apt-get update -q && apt-get install -y -q chromium; }
+	$(PY) -m pytest -q -m browser
+
 bench: $(STAMP)
 	$(PY) benchmarks/kernel.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build/binder-venv build/binder-notebooks notebooks/output
