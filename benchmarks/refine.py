@@ -28,8 +28,12 @@ import edkit
 
 #: name → (Refinement options, pad every frame to the largest bucket, description)
 METHODS: dict[str, tuple[dict, bool, str]] = {
-    "v1": ({"sg_max": 0.015}, True, "|S|≤0.015 exact, one padded size, complex128"),
-    "buckets": ({"sg_max": 0.015}, False, "|S|≤0.015 exact, beam-count buckets"),
+    "v1": (
+        {"sg_max": 0.015, "sg_weak": None},
+        True,
+        "|S|≤0.015 exact, one padded size, complex128",
+    ),
+    "buckets": ({"sg_max": 0.015, "sg_weak": None}, False, "|S|≤0.015 exact, beam-count buckets"),
     "bethe": ({"sg_max": 0.005, "sg_weak": 0.03}, False, "|S|≤0.005 exact + Bethe ≤0.03"),
     "bethe-single": (
         {"sg_max": 0.005, "sg_weak": 0.03, "precision": "single"},
