@@ -537,6 +537,11 @@ def test_recovers_a_synthetic_truth(quartz, experiment) -> None:
         n_sub=N_SUB,
         thickness_grid=(100.0, 1000.0, 25.0),
         learning_rates={"thickness": 1e-3},
+        # The generating model: every beam to |S| 0.015 exact, exact orientations (refining 24
+        # orientation angles on 8 noise-free-geometry frames only absorbs signal).
+        sg_max=0.015,
+        sg_weak=None,
+        refine=("positions", "adp", "thickness"),
     )
 
     def thickness_error(values) -> float:
