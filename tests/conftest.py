@@ -17,3 +17,18 @@ DATA = Path(__file__).resolve().parents[1] / "edkit" / "data"
 def data_dir() -> Path:
     """The package's bundled data folder (structures/, pets/)."""
     return DATA
+
+
+def inject_nan_loss(refinement, monkeypatch, at_call: int = 2) -> None:
+    """Make ``refinement``'s compiled step report a NaN loss on its ``at_call``-th call (a
+    divergence the Refinement must detect and recover from); other calls are untouched."""
+    import jax.numpy as jnp
+
+    compiled, calls = refinement._compiled_step, []
+
+    def step(state, opt_state):
+        out = compiled(state, opt_state)
+        calls.append(1)
+        return (*out[:2], jnp.nan, *out[3:]) if len(calls) == at_call else out
+
+    monkeypatch.setattr(refinement, "_compiled_step", step)

@@ -21,9 +21,9 @@ import shutil
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import inject_nan_loss
 
 from edkit import EdkitError, Refinement, read_cif, read_pets
 from edkit.io.pets import select_frames
@@ -346,14 +346,7 @@ def test_divergence_returns_to_the_best_state(template) -> None:
 
 def test_non_finite_loss_returns_to_the_best_state(template, monkeypatch) -> None:
     r = fresh(template)
-    compiled, calls = r._compiled_step, []
-
-    def nan_on_second_call(state, opt_state):
-        out = compiled(state, opt_state)
-        calls.append(1)
-        return (*out[:2], jnp.nan, *out[3:]) if len(calls) == 2 else out
-
-    monkeypatch.setattr(r, "_compiled_step", nan_on_second_call)
+    inject_nan_loss(r, monkeypatch)
     with pytest.warns(RuntimeWarning, match="loss nan"):
         record = r.step(2)
     assert record["diverged"] == 1.0

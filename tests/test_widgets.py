@@ -24,6 +24,7 @@ import nbclient
 import nbformat
 import numpy as np
 import pytest
+from conftest import inject_nan_loss
 
 from edkit import EdkitError, Refinement, read_cif, read_pets, select_frames
 from edkit.physics import bloch
@@ -311,14 +312,7 @@ def test_divergence_is_reported_and_the_rates_resynchronised(template, monkeypat
     returns to its best state and halves the rates; the panel says so and shows the rates."""
     r = fresh(template)
     panel = RefinementPanel(r)
-    compiled, calls = r._compiled_step, []
-
-    def nan_on_second_call(state, opt_state):
-        out = compiled(state, opt_state)
-        calls.append(1)
-        return (*out[:2], jnp.nan, *out[3:]) if len(calls) == 2 else out
-
-    monkeypatch.setattr(r, "_compiled_step", nan_on_second_call)
+    inject_nan_loss(r, monkeypatch)
     adp_rate = r.base_learning_rates["adp"]
     with pytest.warns(RuntimeWarning, match="diverged"):
         panel.run(3)
