@@ -3,7 +3,10 @@
 For N = 64, 128, 256, 512 beams: time per orientation of the forward pass (structure matrix,
 one ``eigh``, 16 thicknesses, intensities; complex128), its ratio to ``numpy.linalg.eigh`` on the
 same matrices in the same run, and value-and-grad time over forward time. Physically scaled
-random beam sets (S ~ 1e-2 Å⁻¹, U ~ 1e-2 Å⁻²). Run: ``python benchmarks/kernel.py [--quick]``.
+random beam sets (S ~ 1e-2 Å⁻¹, U ~ 1e-2 Å⁻²). ``--real``: real symmetric matrices (a
+centrosymmetric crystal with its inversion centre at the origin: real U) against
+``numpy.linalg.eigh`` on the same real matrices, and the real forward's ratio to the complex one.
+Run: ``python benchmarks/kernel.py [--quick] [--real]``.
 """
 
 import argparse
@@ -20,7 +23,7 @@ from edkit.physics import bloch
 jax.config.update("jax_enable_x64", True)  # a script, not the library: float64 throughout
 
 
-def beam_sets(n: int, batch: int, seed: int = 0):
+def beam_sets(n: int, batch: int, seed: int = 0, real: bool = False):
     rng = np.random.default_rng(seed)
     s = rng.normal(scale=0.01, size=(batch, n))
     s[:, 0] = 0.0
@@ -28,6 +31,8 @@ def beam_sets(n: int, batch: int, seed: int = 0):
     g_normal[:, 0] = 0.0
     u = rng.normal(scale=0.01, size=(n, n)) + 1j * rng.normal(scale=0.01, size=(n, n))
     u = 0.5 * (u + u.conj().T)
+    if real:
+        u = u.real
     return jnp.asarray(s), jnp.asarray(g_normal), jnp.asarray(u)
 
 
@@ -35,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer orientations and repeats")
     parser.add_argument("--sizes", type=int, nargs="*", default=[64, 128, 256, 512])
+    parser.add_argument("--real", action="store_true", help="also time real symmetric solves")
     args = parser.parse_args()
     k_mag = 39.87
     thickness = jnp.linspace(50.0, 2000.0, 16)
@@ -43,16 +49,19 @@ def main() -> None:
         f"JAX {jax.__version__} ({jax.default_backend()}), numpy {np.__version__}, complex128"
     )
     print(f"{'N':>5} {'edkit fwd ms':>13} {'LAPACK eigh ms':>15} {'fwd/LAPACK':>11} "
-          f"{'v&g ms':>9} {'v&g/fwd':>8}")  # fmt: skip
+          f"{'v&g ms':>9} {'v&g/fwd':>8}  matrices")  # fmt: skip
     for n in args.sizes:
-        bench_size(n, k_mag, thickness, args.quick)
+        complex_forward = bench_size(n, k_mag, thickness, args.quick, real=False)
+        if args.real:
+            real_forward = bench_size(n, k_mag, thickness, args.quick, real=True)
+            print(f"{'':5} real forward / complex forward: {real_forward / complex_forward:.2f}")
 
 
-def bench_size(n: int, k_mag: float, thickness: jax.Array, quick: bool) -> None:
-    """Time one beam count N and print its table row."""
+def bench_size(n: int, k_mag: float, thickness: jax.Array, quick: bool, real: bool) -> float:
+    """Time one beam count N, print its table row and return the forward seconds."""
     batch = max(2, (8 if quick else 32) * 64 // n)
     repeats = 2 if quick else 3
-    s, g_normal, u = beam_sets(n, batch)
+    s, g_normal, u = beam_sets(n, batch, real=real)
     weights = jnp.linspace(1.0, 2.0, n)
 
     def one(si, gi, u_scale):
@@ -79,8 +88,9 @@ def bench_size(n: int, k_mag: float, thickness: jax.Array, quick: bool) -> None:
     t_lapack = best_time(lambda: [np.linalg.eigh(m) for m in matrices], repeats) / batch
     print(
         f"{n:5d} {t_forward * 1e3:13.2f} {t_lapack * 1e3:15.2f} {t_forward / t_lapack:11.2f} "
-        f"{t_grad * 1e3:9.2f} {t_grad / t_forward:8.2f}"
+        f"{t_grad * 1e3:9.2f} {t_grad / t_forward:8.2f}  {'real' if real else 'complex'}"
     )
+    return t_forward
 
 
 if __name__ == "__main__":

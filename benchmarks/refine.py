@@ -34,11 +34,20 @@ METHODS: dict[str, tuple[dict, bool, str]] = {
         "|S|≤0.015 exact, one padded size, complex128",
     ),
     "buckets": ({"sg_max": 0.015, "sg_weak": None}, False, "|S|≤0.015 exact, beam-count buckets"),
-    "bethe": ({"sg_max": 0.005, "sg_weak": 0.03}, False, "|S|≤0.005 exact + Bethe ≤0.03"),
-    "bethe-single": (
-        {"sg_max": 0.005, "sg_weak": 0.03, "precision": "single"},
+    "bethe": (
+        {"sg_max": 0.005, "sg_weak": 0.03, "bethe_terms": None},
         False,
-        "Bethe, complex64 solves",
+        "|S|≤0.005 exact + Bethe ≤0.03, built at each sub-orientation",
+    ),
+    "shared": (
+        {"sg_max": 0.005, "sg_weak": 0.03, "bethe_terms": 12},
+        False,
+        "Bethe shared by 12 Chebyshev terms per frame (the default)",
+    ),
+    "shared-single": (
+        {"sg_max": 0.005, "sg_weak": 0.03, "bethe_terms": 12, "precision": "single"},
+        False,
+        "shared Bethe, complex64 solves",
     ),
 }
 

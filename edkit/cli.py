@@ -42,6 +42,8 @@ def _refine(args: argparse.Namespace) -> dict:
         seed=args.seed,
         devices=args.devices,
         precision=args.precision,
+        bethe_terms=args.bethe_terms if args.bethe_terms > 0 else None,
+        remat="eigensystems" if args.low_memory else False,
     )
     print(
         f"{len(dataset.frame)} frames, {int(refinement.setup.scored.sum())} scored reflections, "
@@ -112,6 +114,15 @@ def _add_refine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sg-weak", type=float, default=0.03,
         help="beams up to this |S_g| join as Bethe potentials, Å⁻¹ (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bethe-terms", type=int, default=12,
+        help="Chebyshev terms of the Bethe correction shared by a frame's sub-orientations "
+        "(0: build it at every sub-orientation)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--low-memory", action="store_true",
+        help="keep only the eigendecompositions for the gradient (large cells)",
     )  # fmt: skip
     parser.add_argument(
         "--refine", default="positions,adp,thickness,orientation",

@@ -10,7 +10,7 @@ differentiable part, :func:`frame_intensity_stack`, computes F once and maps ove
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,7 @@ from edkit.refine import metrics
 from edkit.structure import (
     StructureParams,
     StructureTables,
+    centric_at_origin,
     structure_factors_of,
     structure_params,
     structure_tables,
@@ -69,7 +70,8 @@ class FrameSetup:
       excitation_error: S_g at the frame centre, Å⁻¹, (n_r,).
       scored: Klar selection and simulated, bool, (n_r,).
       voltage: V. wave_number: |K| of the reference structure, Å⁻¹. settings: a dict of the
-      choices (g_max, sg_max, n_sub, rsg, dsg, mosaicity in degrees).
+      choices (g_max, sg_max, sg_weak, bethe_terms, n_sub, rsg, dsg, mosaicity in degrees) and
+      "centric": the crystal has the inversion through the origin (real structure factors).
       buckets: frame positions grouped by padded beam count, one int array per bucket; frames of
         a bucket are solved at that bucket's size (``bucket_sizes``), not at n.
       weak_hkl, weak_valid: beams folded in as Bethe potentials (``sg_weak``), (n_f, n_w, 3)
@@ -153,6 +155,7 @@ def build_frame_setup(
     dsg: float = DEFAULT_DSG,
     pad_to: int | None = None,
     sg_weak: float | None = None,
+    bethe_terms: int | None = None,
 ) -> FrameSetup:
     """Plan the simulation of every frame of ``dataset`` (see :class:`FrameSetup`).
 
@@ -169,6 +172,9 @@ def build_frame_setup(
       sg_weak: Bethe potentials: beams whose smallest |S_g| over the frame lies in
         (sg_max, sg_weak] are not solved but folded into the strong beams' coupling to second
         order (:func:`edkit.physics.bloch.bethe_correction`), Å⁻¹; None: no weak beams.
+      bethe_terms: build the Bethe correction from this many Chebyshev terms in the rotation
+        angle, shared by the frame's sub-orientations (``frame_intensities``' ``bethe_terms``);
+        None: exactly at every sub-orientation.
     """
     check_cell(crystal, dataset)
     for name, value in (("g_max", g_max), ("sg_max", sg_max), ("rsg", rsg), ("dsg", dsg)):
@@ -176,6 +182,8 @@ def build_frame_setup(
             raise EdkitError(f"{name} = {value!r}: expected a positive number")
     if sg_weak is not None and not (np.isfinite(sg_weak) and sg_weak > sg_max):
         raise EdkitError(f"sg_weak = {sg_weak!r}: expected None or a number above sg_max")
+    if bethe_terms is not None and not (isinstance(bethe_terms, int) and bethe_terms >= 1):
+        raise EdkitError(f"bethe_terms = {bethe_terms!r}: expected None or a positive integer")
     deg = np.pi / 180.0
     semiangles = dataset["semiangle"].values * deg
     if mosaicity is None:
@@ -214,30 +222,18 @@ def build_frame_setup(
             frame_weak.append(candidates[~keep & (closest <= sg_weak)])
     sizes = np.array([max(bucket_size(len(b)), pad_to or 0) for b in frame_beams])
     hkl, valid = _padded(frame_beams, int(sizes.max()))
-    blocks = [hkl[:, None, :, :] - hkl[:, :, None, :]]  # h_j − h_i, (n_f, n, n, 3)
     weak_hkl = weak_valid = None
     weak_sizes: tuple[int, ...] = ()
     if sg_weak is not None:
         weak_hkl, weak_valid = _padded(frame_weak, bucket_size(max(len(b) for b in frame_weak)))
-        blocks.append(weak_hkl[:, None, :, :] - hkl[:, :, None, :])  # h_w − h_i, (n_f, n, n_w)
-        blocks.append(hkl[:, None, :, :] - weak_hkl[:, :, None, :])  # h_j − h_w, (n_f, n_w, n)
         weak_sizes = tuple(
             bucket_size(max(1, int(weak_valid[sizes == size].sum(axis=1).max())))
             for size in np.unique(sizes)
         )
-    diff = np.concatenate([b.reshape(-1, 3) for b in blocks])
-    # One int64 key per difference: a 1-D unique is ~10× faster than unique(axis=0).
-    offset = np.abs(diff).max() + 1
-    keys = ((diff[:, 0] + offset) * (2 * offset + 1) + diff[:, 1] + offset) * (2 * offset + 1)
-    keys += diff[:, 2] + offset
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    differences = diff[first]
-    indices = np.split(inverse.astype(np.int32), np.cumsum([b[..., 0].size for b in blocks])[:-1])
-    coupling = indices[0].reshape(blocks[0].shape[:3])
-    coupling_out = coupling_in = None
-    if sg_weak is not None:
-        coupling_out = indices[1].reshape(blocks[1].shape[:3])
-        coupling_in = indices[2].reshape(blocks[2].shape[:3])
+    differences, coupling, coupling_out, coupling_in = _coupling_indices(
+        frame_beams, frame_weak if sg_weak is not None else None, hkl.shape[1],
+        None if weak_hkl is None else weak_hkl.shape[1],
+    )  # fmt: skip
 
     # Observed reflections: their frame, their beam, S at the frame centre and Klar's test.
     frame_ids = dataset["frame"].values
@@ -281,12 +277,67 @@ def build_frame_setup(
             "g_max": float(g_max),
             "sg_max": float(sg_max),
             "sg_weak": None if sg_weak is None else float(sg_weak),
+            "bethe_terms": bethe_terms,
+            "centric": int(centric_at_origin(structure_tables(crystal))),  # 0/1: netCDF attrs
             "n_sub": int(n_sub),
             "rsg": float(rsg),
             "dsg": float(dsg),
             "mosaicity": float(mosaicity),
         },
     )
+
+
+def _coupling_indices(
+    frame_beams: list[np.ndarray],
+    frame_weak: list[np.ndarray] | None,
+    size: int,
+    weak_size: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Every distinct h_j − h_i between the beams of a frame, and per frame its index.
+
+    Frame by frame over the real beams only (padding points at 000 and is masked anyway), so the
+    memory stays that of one frame's n² + 2·n·n_w pairs, not of every frame padded to the largest.
+
+    Returns:
+      differences (m, 3) sorted lexicographically; coupling (n_f, size, size) int32 for h_j − h_i;
+      coupling_out (n_f, size, weak_size) for h_w − h_i and coupling_in (n_f, weak_size, size)
+      for h_j − h_w, or None without weak beams.
+    """
+    every = np.concatenate([*frame_beams, *(frame_weak or [])])
+    reach = 2 * int(np.abs(every).max()) if every.size else 0
+    base = 2 * reach + 1
+
+    def keys(h_to: np.ndarray, h_from: np.ndarray) -> np.ndarray:
+        # One int64 key per difference h_to[j] − h_from[i], shape (len(h_from), len(h_to)): a
+        # 1-D unique is ~10× faster than unique(axis=0), and keys sort lexicographically.
+        d = h_to[None, :, :] - h_from[:, None, :] + reach
+        return (d[..., 0] * base + d[..., 1]) * base + d[..., 2]
+
+    blocks = []
+    for f, beams in enumerate(frame_beams):
+        blocks.append([keys(beams, beams)])
+        if frame_weak is not None:
+            blocks[-1] += [keys(frame_weak[f], beams), keys(beams, frame_weak[f])]
+    zero = keys(np.zeros((1, 3), np.int64), np.zeros((1, 3), np.int64)).ravel()
+    unique = np.unique(np.concatenate([zero] + [np.unique(k) for b in blocks for k in b]))
+    differences = (
+        np.stack([unique // base**2, (unique // base) % base, unique % base], axis=1) - reach
+    )
+    padding = int(np.searchsorted(unique, zero[0]))
+    n_f = len(frame_beams)
+    coupling = np.full((n_f, size, size), padding, dtype=np.int32)
+    coupling_out = coupling_in = None
+    if frame_weak is not None:
+        coupling_out = np.full((n_f, size, weak_size), padding, dtype=np.int32)
+        coupling_in = np.full((n_f, weak_size, size), padding, dtype=np.int32)
+    for f, frame_blocks in enumerate(blocks):
+        n = len(frame_beams[f])
+        coupling[f, :n, :n] = np.searchsorted(unique, frame_blocks[0])
+        if frame_weak is not None:
+            n_w = len(frame_weak[f])
+            coupling_out[f, :n, :n_w] = np.searchsorted(unique, frame_blocks[1])
+            coupling_in[f, :n_w, :n] = np.searchsorted(unique, frame_blocks[2])
+    return differences.astype(np.int64), coupling, coupling_out, coupling_in
 
 
 def _padded(beam_lists: list[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -337,6 +388,11 @@ def small_rotation(angles: jax.Array) -> jax.Array:
     return rotation_z(angles[2]) @ rotation_y(angles[1]) @ rotation_x(angles[0])
 
 
+#: Bound on batch × sub-orientations × n² of the solves held at once (about 8 MB per complex
+#: working array): larger frames solve their sub-orientations in chunks (``sub_batch``).
+WORKING_ELEMENTS = 2**19
+
+
 def frame_intensity_stack(
     params: StructureParams,
     tables: StructureTables,
@@ -349,7 +405,8 @@ def frame_intensity_stack(
     batch_size: int = 8,
     solve_dtype: jnp.dtype | None = None,
     devices: int = 1,
-    remat: bool = False,
+    remat: bool | Literal["eigensystems"] = False,
+    real_potential: bool | None = None,
 ) -> jax.Array:
     """Rocking-curve intensities of every frame for each of its thicknesses.
 
@@ -369,15 +426,25 @@ def frame_intensity_stack(
         intensity accuracy for speed); None keeps complex128 under x64.
       devices: shard the frames of each bucket over this many devices (``jax.shard_map``;
         on CPU set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts).
-      remat: recompute each frame's forward pass during the backward pass
-        (``jax.checkpoint``) instead of storing its eigensystems: gradient memory of one batch
-        of frames instead of all, for about one more forward pass.
+      remat: what the backward pass keeps of each frame's forward pass. False: everything
+        (fastest, memory grows with frames × sub-orientations × n²·several). True: nothing, it
+        recomputes the frame (``jax.checkpoint``; the least memory, about one more forward
+        pass). "eigensystems": only the eigendecompositions (n² + n per solve), recomputing the
+        cheap rest: nearly the speed of False at a fraction of its memory.
+      real_potential: solve with real potentials (real symmetric matrices without absorption:
+        ~3× cheaper eigendecompositions). None: when the setup's crystal has the inversion
+        through the origin, where F(h) is real (``setup.settings["centric"]``, from
+        :func:`edkit.structure.centric_at_origin`).
 
     Returns:
       Intensities, (n_f, n_t, n); zero on padding beams.
     """
     voltage = setup.voltage
     f_all = structure_factors_of(params, tables, setup.differences)
+    if real_potential is None:
+        real_potential = bool(setup.settings.get("centric", False))
+    if real_potential:
+        f_all = jnp.real(f_all)  # imaginary parts are rounding (~1e-16 relative) here
     u0 = mean_inner_potential(params, tables, voltage)
     k_mag = jnp.sqrt(1.0 / electron_wavelength(voltage) ** 2 + u0)
     prefactor = potential_prefactor(voltage)
@@ -389,8 +456,10 @@ def frame_intensity_stack(
     absorbing = absorption is not None
     shared = (f_all, k_mag, jnp.asarray(0.0 if absorption is None else absorption))
     has_weak = setup.weak_hkl is not None
+    n_sub = setup.angles.shape[1]
+    bethe_terms = setup.settings.get("bethe_terms")
 
-    def one_frame(inputs, shared):
+    def one_frame(inputs, shared, sub_batch):
         rotation, angles, weights, hkl, valid, coupling, t, correction = inputs[:8]
         f_values, wave_number, kappa = shared
         rotation = small_rotation(correction) @ rotation
@@ -415,13 +484,24 @@ def frame_intensity_stack(
             )
         return frame_intensities(
             k_hats, weights, g_cart, valid, potential, wave_number, t, absorptive,
-            absorption_method, solve_dtype, weak,
+            absorption_method, solve_dtype, weak, bethe_terms, sub_batch,
         )  # fmt: skip
 
-    frame_function = jax.checkpoint(one_frame) if remat else one_frame
+    if remat == "eigensystems":
+        policy = jax.checkpoint_policies.save_only_these_names(bloch.EIGENSYSTEM)
+        checkpoint = functools.partial(jax.checkpoint, policy=policy, static_argnums=(2,))
+    elif remat is True:
+        checkpoint = functools.partial(jax.checkpoint, static_argnums=(2,))
+    elif remat is False:
+        checkpoint = None
+    else:
+        raise EdkitError(f"remat = {remat!r}: expected True, False or 'eigensystems'")
+    frame_function = one_frame if checkpoint is None else checkpoint(one_frame)
 
-    def map_frames(shared, *inputs):
-        return jax.lax.map(lambda x: frame_function(x, shared), inputs, batch_size=batch_size)
+    def map_frames(sub_batch, shared, *inputs):
+        return jax.lax.map(
+            lambda x: frame_function(x, shared, sub_batch), inputs, batch_size=batch_size
+        )
 
     arrays = (
         setup.rotations,
@@ -440,7 +520,10 @@ def frame_intensity_stack(
     weak_sizes = setup.weak_sizes or (None,) * len(sizes)
     outputs = []
     for frames, size, n_w in zip(buckets, sizes, weak_sizes, strict=True):
-        selected = [jnp.asarray(a)[frames] for a in arrays]
+        # Setup arrays are sliced and trimmed in numpy: only the bucket's own part becomes a
+        # compile-time constant (not every frame padded to the largest size).
+        selected = [a[frames] if isinstance(a, np.ndarray) else jnp.asarray(a)[frames]
+                    for a in arrays]  # fmt: skip
         rotation, angles, weights, hkl, valid, coupling, t, correction = selected[:8]
         bucket_inputs = (
             rotation, angles, weights, hkl[:, :size], valid[:, :size],
@@ -452,10 +535,15 @@ def frame_intensity_stack(
                 *bucket_inputs, weak_hkl[:, :n_w], weak_valid[:, :n_w],
                 coupling_out[:, :size, :n_w], coupling_in[:, :n_w, :size],
             )  # fmt: skip
+        in_flight = min(batch_size, len(frames)) * n_sub * size * size
+        sub_batch = None
+        if in_flight > WORKING_ELEMENTS:
+            sub_batch = max(1, WORKING_ELEMENTS // (min(batch_size, len(frames)) * size * size))
+        bucket_map = functools.partial(map_frames, sub_batch)
         if devices > 1:
-            out = _sharded(map_frames, shared, bucket_inputs, devices)
+            out = _sharded(bucket_map, shared, bucket_inputs, devices)
         else:
-            out = map_frames(shared, *bucket_inputs)
+            out = bucket_map(shared, *bucket_inputs)
         outputs.append(jnp.pad(out, ((0, 0), (0, 0), (0, setup.hkl.shape[1] - size))))
     order = np.argsort(np.concatenate(buckets))
     return jnp.concatenate(outputs, axis=0)[order]
@@ -727,5 +815,5 @@ def thickness_search(
             "frame": setup.frame,
             "thickness": ("thickness", grid, {"units": "angstrom", "long_name": "thickness"}),
         },
-        attrs={**setup.settings},
+        attrs={k: v for k, v in setup.settings.items() if v is not None},
     )

@@ -80,6 +80,15 @@ def structure_params(crystal: Crystal) -> StructureParams:
     )
 
 
+def centric_at_origin(tables: StructureTables, tolerance: float = 1e-9) -> bool:
+    """True when the space group contains the inversion through the origin (x, y, z → −x, −y,
+    −z): then F(h) = F(−h) = F(h)* is real for every structure of the group, and the Bloch
+    matrices are real symmetric."""
+    inversion = np.all(np.abs(tables.rotations + np.eye(3)) < tolerance, axis=(1, 2))
+    shift = tables.translations - np.round(tables.translations)
+    return bool(np.any(inversion & np.all(np.abs(shift) < tolerance, axis=1)))
+
+
 def structure_factors_of(
     params: StructureParams, tables: StructureTables, hkl: jax.Array
 ) -> jax.Array:

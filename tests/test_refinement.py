@@ -556,3 +556,52 @@ def test_recovers_a_synthetic_truth(quartz, experiment) -> None:
     assert position_error < 0.005
     assert final_error < 0.05 and final_error < grid_error / 3
     assert adp_error < 0.3 * np.abs(start.u_cif - quartz.u_cif).max()
+
+
+@pytest.mark.slow
+def test_single_precision_refines_to_the_same_structure(quartz, experiment) -> None:
+    """complex64 Bloch solves (``precision="single"``; geometry and structure factors stay
+    float64) leave the refined result unchanged within its uncertainties: the problem of
+    ``test_recovers_a_synthetic_truth`` with the default beams (exact to 0.005 Å⁻¹, Bethe to
+    0.03 Å⁻¹), refined from the same start by 40 Adam steps + Levenberg–Marquardt in each
+    precision. Positions must agree to a tenth of their s.u., ADPs to a tenth of theirs, the
+    R-factors to 0.01 % absolute, the thicknesses to 0.1 %."""
+    geometry = rotation_series(
+        experiment, alpha_start=-40.0, alpha_step=10.0, n_frames=8, semiangle=2.0
+    )
+    dataset = make_dataset(quartz, geometry, profile, n_sub=N_SUB, g_max=G_MAX, seed=2)
+    start = _displace(quartz, "O1", np.array([0.03, -0.03, 0.025]))
+    start = start.replace(u_cif=1.3 * quartz.u_cif)
+    results = {}
+    for precision in ("double", "single"):
+        r = Refinement(
+            start,
+            dataset,
+            g_max=G_MAX,
+            n_sub=N_SUB,
+            thickness_grid=(100.0, 1000.0, 25.0),
+            learning_rates={"thickness": 1e-3},
+            refine=("positions", "adp", "thickness"),
+            precision=precision,
+        )
+        r.run(40, progress=False)
+        r.use_best()
+        r.refine_structure(5)
+        results[precision] = (r.crystal, r.uncertainties(), r.report(), r.thickness.values)
+    (c64, su, rep64, t64), (c32, _, rep32, t32) = results["double"], results["single"]
+    basis = np.asarray(quartz.real_basis)
+    shift = np.abs((c32.fract - c64.fract) @ basis)  # Å, Cartesian
+    su_cart = np.abs(su["fract"] @ basis)  # Å; zero on coordinates fixed by symmetry
+    free = su_cart > 0
+    print(
+        f"single vs double: max position shift {shift.max():.2e} Å (min s.u. "
+        f"{su_cart[free].min():.2e} Å), max |ΔU| {np.abs(c32.u_cif - c64.u_cif).max():.2e} Å², "
+        f"R_obs {100 * rep64['r_obs']:.4f} vs {100 * rep32['r_obs']:.4f} %"
+    )
+    assert np.all(shift[free] < 0.1 * su_cart[free])
+    assert np.all(shift[~free] < 1e-6)
+    u_free = su["u_cif"] > 0
+    assert np.all(np.abs(c32.u_cif - c64.u_cif)[u_free] < 0.1 * su["u_cif"][u_free])
+    for key in ("r_obs", "wr_obs", "r_all", "r_obs_mean_frame"):
+        assert abs(rep32[key] - rep64[key]) < 1e-4, key
+    np.testing.assert_allclose(t32, t64, rtol=1e-3)

@@ -32,6 +32,7 @@ class ForwardContext:
     batch_size: int = 8
     solve_dtype: jnp.dtype | None = None
     devices: int = 1
+    remat: bool | str = False
 
 
 class Prediction(NamedTuple):
@@ -101,6 +102,7 @@ class HybridModel(nnx.Module):
             batch_size=context.batch_size,
             solve_dtype=context.solve_dtype,
             devices=context.devices,
+            remat=context.remat,
         )
         frame_values = jnp.einsum("ft,ftn->fn", weights, stack)
         return Prediction(reflection_intensities(context.setup, frame_values), values, weights)

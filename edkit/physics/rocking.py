@@ -86,6 +86,25 @@ def sub_orientation_beams(frame_rotation: jax.Array, angles: jax.Array) -> jax.A
     return jax.vmap(one)(angles)
 
 
+def chebyshev_fit(n_sub: int, n_terms: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chebyshev basis over a frame's evenly spaced sub-orientations and its least-squares fit.
+
+    Sub-orientation k of n_sub sits at x_k = (2k + 1)/n_sub − 1 ∈ (−1, 1) (its angle over the
+    frame's reach, see :func:`sub_orientation_angles`).
+
+    Args:
+      n_sub: sub-orientations per frame.
+      n_terms: Chebyshev polynomials T_0 … T_{n_terms − 1}; at most n_sub.
+
+    Returns:
+      (basis (n_sub, n_terms): T_j(x_k); fit (n_terms, n_sub): its pseudo-inverse, so that
+      ``fit @ values`` are the coefficients of the least-squares fit of values (n_sub, …)).
+    """
+    x = (2.0 * np.arange(n_sub) + 1.0) / n_sub - 1.0
+    basis = np.polynomial.chebyshev.chebvander(x, n_terms - 1)
+    return basis, np.linalg.pinv(basis)
+
+
 def frame_intensities(
     k_hats: jax.Array,
     weights: jax.Array,
@@ -98,6 +117,8 @@ def frame_intensities(
     method: bloch.AbsorptionMethod = "eig",
     solve_dtype: jnp.dtype | None = None,
     weak: WeakBeams | None = None,
+    bethe_terms: int | None = None,
+    sub_batch: int | None = None,
 ) -> jax.Array:
     """Rocking-curve-integrated intensities of one frame, shape (n_t, n).
 
@@ -113,6 +134,14 @@ def frame_intensities(
       method: absorptive route (see ``bloch.bloch_intensities``).
       solve_dtype: complex dtype of the solves (see ``bloch.bloch_intensities``).
       weak: beams folded into the strong ones as Bethe potentials, or None.
+      bethe_terms: share the Bethe correction over the frame's sub-orientations (which must be
+        evenly spaced in angle, as :func:`sub_orientation_angles` makes them): fit each weak
+        beam's 1/(2K S_w) by this many Chebyshev polynomials in the angle and build one
+        correction matrix per polynomial (:func:`bloch.bethe_terms`) instead of one per
+        sub-orientation. None, or ≥ n_sub, builds it exactly at every sub-orientation.
+      sub_batch: solve this many sub-orientations at a time (``lax.map``, each chunk keeping only
+        its eigendecompositions for the gradient) to bound the working memory of large beam
+        sets; None solves all of them together (``vmap``).
 
     Returns:
       Σ_k w_k I_g(t; k), shape (n_t, n); zero on padding beams.
@@ -132,12 +161,25 @@ def frame_intensities(
             coupling_out = coupling_out + 1j * jnp.where(pair_out, weak.absorptive_out, 0.0)
             coupling_in = coupling_in + 1j * jnp.where(pair_in, weak.absorptive_in, 0.0)
 
-    def one(k_hat):
+    n_sub = k_hats.shape[0]
+    shared = weak is not None and bethe_terms is not None and bethe_terms < n_sub
+    if shared:
+        basis, fit = chebyshev_fit(n_sub, bethe_terms)
+        s_weak = jax.vmap(lambda k: bloch.excitation_errors(weak.g_cart, k, k_mag))(k_hats)
+        s_weak = jnp.where(weak.valid[None, :], s_weak, INERT_EXCITATION_ERROR)
+        inverse = jnp.where(weak.valid[None, :], 1.0 / (2.0 * k_mag * s_weak), 0.0)
+        terms = bloch.bethe_terms(coupling_out, coupling_in, jnp.asarray(fit) @ inverse)
+    else:
+        basis = np.zeros((n_sub, 0))
+
+    def one(k_hat, basis_row):
         s = bloch.excitation_errors(g_cart, k_hat, k_mag)
         s = jnp.where(valid, s, INERT_EXCITATION_ERROR)
         g_normal = jnp.where(valid, g_cart @ k_hat, 0.0)
         bethe = None
-        if weak is not None:
+        if shared:
+            bethe = jnp.einsum("k,kij->ij", basis_row.astype(terms.real.dtype), terms)
+        elif weak is not None:
             s_weak = bloch.excitation_errors(weak.g_cart, k_hat, k_mag)
             s_weak = jnp.where(weak.valid, s_weak, INERT_EXCITATION_ERROR)
             bethe = bloch.bethe_correction(coupling_out, coupling_in, s_weak, k_mag)
@@ -145,5 +187,12 @@ def frame_intensities(
             s, g_normal, potential, k_mag, thickness, absorptive, method, solve_dtype, bethe
         )
 
-    intensities = jax.vmap(one)(k_hats)  # (n_sub, n_t, n)
+    if sub_batch is None or sub_batch >= n_sub:
+        intensities = jax.vmap(one)(k_hats, jnp.asarray(basis))  # (n_sub, n_t, n)
+    else:
+        # Each chunk keeps only its eigendecompositions for the gradient (the rest is recomputed
+        # chunk by chunk): without this the backward pass would hold every chunk's intermediates.
+        policy = jax.checkpoint_policies.save_only_these_names(bloch.EIGENSYSTEM)
+        chunk = jax.checkpoint(lambda x: one(*x), policy=policy)
+        intensities = jax.lax.map(chunk, (k_hats, jnp.asarray(basis)), batch_size=sub_batch)
     return jnp.where(valid[None, :], jnp.einsum("k,ktn->tn", weights, intensities), 0.0)

@@ -68,6 +68,9 @@ DEFAULT_LEARNING_RATES = {
 #: 0.03 Å⁻¹ (mean per-frame R within 0.01 %, tests/test_bethe.py) with a third fewer beams.
 REFINE_SG_MAX = 0.005  # Å⁻¹
 REFINE_SG_WEAK = 0.03  # Å⁻¹
+#: Chebyshev terms of the Bethe correction shared by a frame's sub-orientations: 12 keep the
+#: quartz intensities to 4e-7 of the per-orientation correction (tests/test_bethe.py).
+REFINE_BETHE_TERMS = 12
 THICKNESS_KINDS = ("constant", "per-frame", "platelet", "wedge", "profile-net", "map-net")
 
 
@@ -81,6 +84,7 @@ class RefinementOptions:
     g_max: float = DEFAULT_G_MAX
     sg_max: float = REFINE_SG_MAX
     sg_weak: float | None = REFINE_SG_WEAK
+    bethe_terms: int | None = REFINE_BETHE_TERMS
     n_sub: int | None = None
     objective: str = "jana"
     learning_rates: dict[str, float] = field(default_factory=dict)
@@ -93,6 +97,7 @@ class RefinementOptions:
     divergence_factor: float = 3.0
     precision: str = "double"
     devices: int = 1
+    remat: bool | str = False
 
 
 class Refinement:
@@ -116,7 +121,8 @@ class Refinement:
       absorption: κ of the proportional absorption model U' = κU (None: no absorption).
       g_max, sg_max, n_sub, sg_weak: beam and rocking-curve settings (see
         ``build_frame_setup``; ``sg_weak`` folds beams with sg_max < |S_g| ≤ sg_weak in as
-        Bethe potentials).
+        Bethe potentials). bethe_terms: Chebyshev terms of the Bethe correction shared by a
+        frame's sub-orientations (None: built at each one).
       objective: "jana" (wR on |F|, Jana weights) or "wr2" (diffBloch's per-frame intensity wR2).
       learning_rates: per-group Adam step sizes overriding ``DEFAULT_LEARNING_RATES``.
       decay_steps: learning rates decay as 1/(1 + step/decay_steps).
@@ -126,6 +132,9 @@ class Refinement:
       devices: shard the frames over this many JAX devices (see ``frame_intensity_stack``).
       precision: "double" (complex128 Bloch solves, default) or "single" (complex64 solves,
         geometry and structure factors still float64; ~1.5× faster, see benchmarks/refine.py).
+      remat: gradient memory: False keeps every intermediate (fastest); "eigensystems" keeps
+        only the eigendecompositions (large cells: see benchmarks/large.py); True recomputes
+        each frame in the backward pass (least memory).
     """
 
     @x64
@@ -151,6 +160,7 @@ class Refinement:
                 batch_size=opts.batch_size,
                 solve_dtype=_solve_dtype(opts.precision),
                 devices=opts.devices,
+                remat=opts.remat,
             )
             self._init_data_arrays()
             self.initial_thickness = self._grid_search_thickness()
@@ -809,6 +819,7 @@ class Refinement:
                 mapping=self.mapping, tables=structure_tables(crystal), setup=self.setup,
                 features=self.features, batch_size=opts.batch_size,
                 solve_dtype=_solve_dtype(opts.precision), devices=opts.devices,
+                remat=opts.remat,
             )  # fmt: skip
             self._init_data_arrays()
             self.initial_thickness = np.asarray(config["initial_thickness"])
@@ -879,7 +890,7 @@ def _records_from_history(path: Path) -> list[dict[str, Any]]:
 def _setup_from(crystal: Crystal, dataset: xr.Dataset, opts: RefinementOptions) -> FrameSetup:
     return build_frame_setup(
         crystal, dataset, g_max=opts.g_max, sg_max=opts.sg_max, n_sub=opts.n_sub,
-        sg_weak=opts.sg_weak,
+        sg_weak=opts.sg_weak, bethe_terms=opts.bethe_terms,
     )  # fmt: skip
 
 
@@ -944,6 +955,8 @@ def _check_options(options: RefinementOptions) -> RefinementOptions:
         raise EdkitError("refine includes 'absorption' but absorption is None; give a starting κ")
     if options.precision not in ("double", "single"):
         raise EdkitError(f"precision = {options.precision!r}: expected 'double' or 'single'")
+    if options.remat not in (False, True, "eigensystems"):
+        raise EdkitError(f"remat = {options.remat!r}: expected False, True or 'eigensystems'")
     if not 0 <= options.validation_fraction < 1:
         raise EdkitError(
             f"validation_fraction = {options.validation_fraction!r}: expected 0 ≤ f < 1"
