@@ -551,7 +551,10 @@ def frame_intensity_stack(
 
 def _sharded(map_frames: Callable, shared: tuple, inputs: tuple, devices: int) -> jax.Array:
     """Run ``map_frames`` with the frames split over ``devices`` devices (results identical to
-    the single-device map: the same per-frame program runs on each shard)."""
+    the single-device map: the same per-frame program runs on each shard).
+
+    ``jax.devices()`` is the global device list, so after ``jax.distributed.initialize`` on every
+    host the same call spans hosts (multi-controller; see the README, untested here)."""
     available = jax.devices()
     if devices > len(available):
         raise EdkitError(
