@@ -337,7 +337,7 @@ def _coupling_indices(
             n_w = len(frame_weak[f])
             coupling_out[f, :n, :n_w] = np.searchsorted(unique, frame_blocks[1])
             coupling_in[f, :n_w, :n] = np.searchsorted(unique, frame_blocks[2])
-    return differences.astype(np.int64), coupling, coupling_out, coupling_in
+    return differences, coupling, coupling_out, coupling_in
 
 
 def _padded(beam_lists: list[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -432,9 +432,9 @@ def frame_intensity_stack(
         pass). "eigensystems": only the eigendecompositions (n² + n per solve), recomputing the
         cheap rest: nearly the speed of False at a fraction of its memory.
       real_potential: solve with real potentials (real symmetric matrices without absorption:
-        ~3× cheaper eigendecompositions). None: when the setup's crystal has the inversion
-        through the origin, where F(h) is real (``setup.settings["centric"]``, from
-        :func:`edkit.structure.centric_at_origin`).
+        2–2.5× cheaper solves, ``benchmarks/kernel.py --real``). None: when the setup's crystal
+        has the inversion through the origin, where F(h) is real (``setup.settings["centric"]``,
+        from :func:`edkit.structure.centric_at_origin`).
 
     Returns:
       Intensities, (n_f, n_t, n); zero on padding beams.
@@ -487,16 +487,12 @@ def frame_intensity_stack(
             absorption_method, solve_dtype, weak, bethe_terms, sub_batch,
         )  # fmt: skip
 
-    if remat == "eigensystems":
-        policy = jax.checkpoint_policies.save_only_these_names(bloch.EIGENSYSTEM)
-        checkpoint = functools.partial(jax.checkpoint, policy=policy, static_argnums=(2,))
-    elif remat is True:
-        checkpoint = functools.partial(jax.checkpoint, static_argnums=(2,))
-    elif remat is False:
-        checkpoint = None
-    else:
+    if remat not in (False, True, "eigensystems"):
         raise EdkitError(f"remat = {remat!r}: expected True, False or 'eigensystems'")
-    frame_function = one_frame if checkpoint is None else checkpoint(one_frame)
+    frame_function = one_frame
+    if remat:
+        policy = bloch.KEEP_EIGENSYSTEMS if remat == "eigensystems" else None
+        frame_function = jax.checkpoint(one_frame, policy=policy, static_argnums=(2,))
 
     def map_frames(sub_batch, shared, *inputs):
         return jax.lax.map(
@@ -535,10 +531,10 @@ def frame_intensity_stack(
                 *bucket_inputs, weak_hkl[:, :n_w], weak_valid[:, :n_w],
                 coupling_out[:, :size, :n_w], coupling_in[:, :n_w, :size],
             )  # fmt: skip
-        in_flight = min(batch_size, len(frames)) * n_sub * size * size
-        sub_batch = None
-        if in_flight > WORKING_ELEMENTS:
-            sub_batch = max(1, WORKING_ELEMENTS // (min(batch_size, len(frames)) * size * size))
+        per_sub = min(batch_size, len(frames)) * size * size  # elements per sub-orientation
+        sub_batch = (
+            None if per_sub * n_sub <= WORKING_ELEMENTS else max(1, WORKING_ELEMENTS // per_sub)
+        )
         bucket_map = functools.partial(map_frames, sub_batch)
         if devices > 1:
             out = _sharded(bucket_map, shared, bucket_inputs, devices)

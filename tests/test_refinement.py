@@ -508,20 +508,27 @@ def _rms_distance(crystal, truth) -> float:
     return float(np.sqrt(np.mean(np.sum((d @ np.asarray(truth.real_basis)) ** 2, axis=1))))
 
 
+@pytest.fixture(scope="module")
+def recovery_problem(quartz, experiment):
+    """(dataset, start) of the slow tests: 8 frames (α = −40…30°, θ = 2°) made from quartz.cif
+    with t(α) = ``profile``; the start has O1 moved by 0.049 Å and every U ×1.3."""
+    geometry = rotation_series(
+        experiment, alpha_start=-40.0, alpha_step=10.0, n_frames=8, semiangle=2.0
+    )
+    dataset = make_dataset(quartz, geometry, profile, n_sub=N_SUB, g_max=G_MAX, seed=2)
+    start = _displace(quartz, "O1", np.array([0.03, -0.03, 0.025]))
+    return dataset, start.replace(u_cif=1.3 * quartz.u_cif)
+
+
 @pytest.mark.slow
-def test_recovers_a_synthetic_truth(quartz, experiment) -> None:
+def test_recovers_a_synthetic_truth(quartz, recovery_problem) -> None:
     """Quartz on 8 frames (α = −40…30°, θ = 2°, g_max = 1.2 Å⁻¹, n_sub = 5; 120 reflections),
     t(α) = 400 + 150 cos(3α) Å (325–550 Å), 10⁶ counts for the brightest reflection. Start: the
     truth with O1 moved by 0.049 Å (0.035 Å RMS over Si1, O1) and every U ×1.3. Two rounds of
     40 Adam steps + Levenberg–Marquardt. Measured (2-core CPU, ~100 s): 0.0015 Å RMS, thickness
     0.25 % RMS (grid search 3.3 %), max |ΔU| 8e-4 Å² (start 6e-3)."""
-    geometry = rotation_series(
-        experiment, alpha_start=-40.0, alpha_step=10.0, n_frames=8, semiangle=2.0
-    )
-    dataset = make_dataset(quartz, geometry, profile, n_sub=N_SUB, g_max=G_MAX, seed=2)
+    dataset, start = recovery_problem
     truth_thickness = dataset.attrs["synthetic_thickness"]
-    start = _displace(quartz, "O1", np.array([0.03, -0.03, 0.025]))
-    start = start.replace(u_cif=1.3 * quartz.u_cif)
     assert 0.03 < _rms_distance(start, quartz) < 0.04
     r = Refinement(
         start,
@@ -559,19 +566,14 @@ def test_recovers_a_synthetic_truth(quartz, experiment) -> None:
 
 
 @pytest.mark.slow
-def test_single_precision_refines_to_the_same_structure(quartz, experiment) -> None:
+def test_single_precision_refines_to_the_same_structure(quartz, recovery_problem) -> None:
     """complex64 Bloch solves (``precision="single"``; geometry and structure factors stay
     float64) leave the refined result unchanged within its uncertainties: the problem of
     ``test_recovers_a_synthetic_truth`` with the default beams (exact to 0.005 Å⁻¹, Bethe to
     0.03 Å⁻¹), refined from the same start by 40 Adam steps + Levenberg–Marquardt in each
     precision. Positions must agree to a tenth of their s.u., ADPs to a tenth of theirs, the
     R-factors to 0.01 % absolute, the thicknesses to 0.1 %."""
-    geometry = rotation_series(
-        experiment, alpha_start=-40.0, alpha_step=10.0, n_frames=8, semiangle=2.0
-    )
-    dataset = make_dataset(quartz, geometry, profile, n_sub=N_SUB, g_max=G_MAX, seed=2)
-    start = _displace(quartz, "O1", np.array([0.03, -0.03, 0.025]))
-    start = start.replace(u_cif=1.3 * quartz.u_cif)
+    dataset, start = recovery_problem
     results = {}
     for precision in ("double", "single"):
         r = Refinement(

@@ -192,7 +192,6 @@ def frame_intensities(
     else:
         # Each chunk keeps only its eigendecompositions for the gradient (the rest is recomputed
         # chunk by chunk): without this the backward pass would hold every chunk's intermediates.
-        policy = jax.checkpoint_policies.save_only_these_names(bloch.EIGENSYSTEM)
-        chunk = jax.checkpoint(lambda x: one(*x), policy=policy)
+        chunk = jax.checkpoint(lambda x: one(*x), policy=bloch.KEEP_EIGENSYSTEMS)
         intensities = jax.lax.map(chunk, (k_hats, jnp.asarray(basis)), batch_size=sub_batch)
     return jnp.where(valid[None, :], jnp.einsum("k,ktn->tn", weights, intensities), 0.0)
