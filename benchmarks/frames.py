@@ -2,7 +2,7 @@
 
 Simulates every frame of ``quartz_experimental.cif_pets`` with ``quartz.cif`` (g_max 1.6 Å⁻¹,
 sg_max 0.015 Å⁻¹, n_sub sub-orientations per frame, one thickness per frame, complex128) with
-:func:`edkit.frames.frame_intensity_stack` under ``jax.jit``; the time is the minimum of a few
+:func:`frame_intensity_stack` under ``jax.jit``; the time is the minimum of a few
 repeats after compilation. The reference is ``numpy.linalg.eigh`` on the same structure matrices
 (B = (π/K) A at each frame's padded solve size, built exactly as the kernel builds them) for a
 random sample of sub-orientations, stacked by size, scaled to the total number of
@@ -24,14 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from timing import best_time  # benchmarks/timing.py (script dir on sys.path)
 
-from edkit.frames import build_frame_setup, frame_intensity_stack
+from edkit.constants import potential_prefactor
 from edkit.io.cif import read_cif
 from edkit.io.pets import read_pets
 from edkit.physics import bloch
-from edkit.physics.constants import potential_prefactor
 from edkit.physics.orientation import rotation_x
 from edkit.physics.rocking import INERT_EXCITATION_ERROR, LAB_BEAM
-from edkit.structure import structure_factors_of, structure_params, structure_tables
+from edkit.physics.structure import structure_factors_of, structure_params, structure_tables
+from edkit.simulate.frames import build_frame_setup, frame_intensity_stack
 
 jax.config.update("jax_enable_x64", True)  # a script, not the library: float64 throughout
 

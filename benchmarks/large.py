@@ -44,10 +44,10 @@ import numpy as np
 from timing import best_time  # benchmarks/timing.py (script dir on sys.path)
 
 import edkit
-from edkit.frames import build_frame_setup, frame_intensity_stack, reflection_intensities
-from edkit.refine import metrics
-from edkit.structure import structure_params, structure_tables
-from edkit.synthetic import make_dataset, rotation_series
+from edkit import metrics
+from edkit.physics.structure import structure_params, structure_tables
+from edkit.simulate.frames import build_frame_setup, frame_intensity_stack, reflection_intensities
+from edkit.simulate.synthetic import make_dataset, rotation_series
 
 G_MAX = 1.2  # Å⁻¹
 SG_MAX = 0.005  # Å⁻¹, exact

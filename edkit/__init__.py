@@ -12,15 +12,21 @@ Physics runs in float64 through scoped ``jax.enable_x64`` at these entry points;
 JAX flag is never flipped on import. ``import edkit`` loads no widget library.
 """
 
-from edkit import metrics, synthetic
+from edkit import metrics
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.examples import example_file, example_files
-from edkit.frames import build_frame_setup, klar_selection, simulate_frames, thickness_search
 from edkit.io.cif import read_cif, write_cif
 from edkit.io.pets import frame_orientations, read_pets, select_frames, write_pets
-from edkit.pattern import simulate_pattern
 from edkit.refine.refinement import Refinement
+from edkit.simulate import synthetic
+from edkit.simulate.frames import (
+    build_frame_setup,
+    klar_selection,
+    simulate_frames,
+    thickness_search,
+)
+from edkit.simulate.pattern import simulate_pattern
 
 __all__ = [
     "Crystal",

@@ -11,7 +11,7 @@ Conventions (science.md §3):
   exp(−2π² hᵀU*h) and a symmetry copy carries U*' = R U* Rᵀ. An isotropic atom has U* = Uiso G*.
 
 numpy only: this module is the fixed, validated description a refinement starts from; the JAX
-kernels take its arrays (see :mod:`edkit.structure`).
+kernels take its arrays (see :mod:`edkit.physics.structure`).
 """
 
 from __future__ import annotations

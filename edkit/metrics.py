@@ -1,18 +1,35 @@
-"""Figures of merit (``edkit.metrics``): Jana2020 R-factors on |F| and diffBloch's per-frame R.
+"""Figures of merit (numpy, for reports) and differentiable losses (JAX, for refinement).
 
-Re-exported from :mod:`edkit.refine.metrics`; see there for the conventions.
+Two conventions live here, and their numbers must never be compared with each other
+(science.md §7):
+
+* **Jana2020** figures on |F| (:func:`jana_figures`, :func:`jana_wr_loss`): R_obs, R_all,
+  wR_obs, wR_all, GoF with Jana's weights ``w = 1/(σ_F² + (0.01 F_o)²)``.
+* **diffBloch** per-frame figures: the mean over frames of a per-frame R_obs on |F|
+  (:func:`frame_r_obs`, :func:`mean_frame_r_obs`) and the per-frame intensity wR2
+  (:func:`frame_wr2`, :func:`intensity_wr2_loss`), each frame scaled independently.
+
+Every R value is a fraction (0.05 means 5 %), never a percentage. Intensities are in the
+arbitrary units of the data file; structure-factor amplitudes are their square roots.
+
+The reporting functions take numpy (or array-like) inputs, compute in float64, raise
+:class:`~edkit.errors.EdkitError` for unusable inputs, and return NaN (never raise, never warn)
+where a ratio has nothing to sum over. The losses are pure ``jax.numpy`` kernels: they trust their
+inputs, work under ``jax.jit`` (with ``n_frames`` static) and ``jax.grad``, and keep gradients
+finite where a calculated intensity is exactly zero (the double-``where`` pattern of optax's
+``safe_norm``, style.md §2).
 """
 
-from edkit.refine.metrics import (
-    frame_r_obs,
-    frame_scale,
-    frame_wr2,
-    intensity_wr2_loss,
-    jana_figures,
-    jana_wr_loss,
-    mean_frame_r_obs,
-    scale_per_frame,
-)
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpy.typing import ArrayLike
+
+from edkit.errors import EdkitError
 
 __all__ = [
     "frame_r_obs",
@@ -24,3 +41,490 @@ __all__ = [
     "mean_frame_r_obs",
     "scale_per_frame",
 ]
+
+#: Jana2020's instability factor u in w = 1/(σ_F² + (u F_o)²) (science.md §7).
+JANA_INSTABILITY = 0.01
+#: I_o > OBS_SIGMA_CUT · σ marks an "observed" reflection (science.md §7).
+OBS_SIGMA_CUT = 3.0
+#: Below I_o < WEAK_SIGMA_CUT · σ, σ_F = 5√σ replaces σ/(2F_o) (science.md §7).
+WEAK_SIGMA_CUT = 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy helpers (reporting)
+# ---------------------------------------------------------------------------------------------
+
+
+def _vector(name: str, x: ArrayLike, n: int | None, where: str) -> np.ndarray:
+    """``x`` as a finite float64 vector of length ``n`` (any length when ``n`` is None)."""
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
+        expected = "a 1-D array" if n is None else f"shape ({n},) like i_obs"
+        raise EdkitError(f"{where}: {name} has shape {arr.shape}, expected {expected}")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise EdkitError(
+            f"{where}: {name}[{bad[0]}] = {float(arr[bad[0]])!r} is not a finite number"
+        )
+    return arr
+
+
+def _positive_sigma(sigma: ArrayLike, n: int, where: str) -> np.ndarray:
+    """σ(I) as a float64 vector of length ``n``, every entry finite and > 0."""
+    s = _vector("sigma", sigma, n, where)
+    bad = np.flatnonzero(s <= 0.0)
+    if bad.size:
+        raise EdkitError(
+            f"{where}: sigma[{bad[0]}] = {float(s[bad[0]])!r}; every σ(I) must be > 0 "
+            "(the weights divide by it)"
+        )
+    return s
+
+
+def _frames(frame_index: ArrayLike, n_frames: int, n: int, where: str) -> np.ndarray:
+    """Frame indices as an int64 vector of length ``n`` with values in [0, n_frames)."""
+    if isinstance(n_frames, bool) or not isinstance(n_frames, int | np.integer) or n_frames < 0:
+        raise EdkitError(f"{where}: n_frames = {n_frames!r}, expected an integer ≥ 0")
+    idx = np.asarray(frame_index)
+    if idx.ndim != 1 or idx.shape[0] != n:
+        raise EdkitError(f"{where}: frame_index has shape {idx.shape}, expected ({n},) like i_obs")
+    if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        raise EdkitError(f"{where}: frame_index has dtype {idx.dtype}, expected integers")
+    idx = idx.astype(np.int64)
+    bad = np.flatnonzero((idx < 0) | (idx >= n_frames))
+    if bad.size:
+        raise EdkitError(
+            f"{where}: frame_index[{bad[0]}] = {idx[bad[0]]} is outside [0, {n_frames}) "
+            f"(n_frames = {n_frames})"
+        )
+    return idx
+
+
+def _ratio(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
+    """num / den elementwise, NaN where den == 0, without a RuntimeWarning."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.full(np.broadcast(num, den).shape, np.nan)
+    np.divide(num, den, out=out, where=den != 0.0)
+    return out
+
+
+def _amplitudes(i: np.ndarray) -> np.ndarray:
+    """|F| = sqrt(max(I, 0)): negative (background-subtracted) intensities give 0."""
+    return np.sqrt(np.maximum(i, 0.0))
+
+
+def _jana_weights_np(i_obs: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Jana2020 weights w = 1/(σ_F² + (0.01 F_o)²) on |F| (science.md §7), float64.
+
+    σ_F = σ/(2F_o), or 5√σ where I_o < 0.01σ. The two branches meet at I_o = 0.01σ, where
+    F_o = 0.1√σ and σ/(2F_o) = 5√σ: the floor is the continuous cap on σ_F as F_o → 0.
+    """
+    f_o = _amplitudes(i_obs)
+    weak = i_obs < WEAK_SIGMA_CUT * sigma
+    sigma_f = 5.0 * np.sqrt(sigma)
+    np.divide(sigma, 2.0 * f_o, out=sigma_f, where=~weak)
+    return 1.0 / (sigma_f**2 + (JANA_INSTABILITY * f_o) ** 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scales
+# ---------------------------------------------------------------------------------------------
+
+
+def frame_scale(i_obs: ArrayLike, i_calc: ArrayLike, weights: ArrayLike | None = None) -> float:
+    """Closed-form least-squares scale of one set of intensities (science.md §7).
+
+    k* = Σ w² I_o I_c / Σ w² I_c², the exact minimiser of Σ w² (I_o − k I_c)². With
+    ``weights = 1/σ`` this is the χ² (inverse-variance) scale.
+
+    Args:
+      i_obs: observed intensities, arbitrary units, shape (n,); may be negative.
+      i_calc: calculated intensities, arbitrary units, shape (n,).
+      weights: residual weights w (the objective squares them), shape (n,); None means w = 1.
+
+    Returns:
+      k*, dimensionless (units of I_o / I_c). 0.0 when Σ w² I_c² = 0 (no reflections, or every
+      weighted I_c zero): the scale is then undefined and 0 keeps k I_c finite.
+    """
+    where = "frame_scale"
+    i_o = _vector("i_obs", i_obs, None, where)
+    n = i_o.shape[0]
+    i_c = _vector("i_calc", i_calc, n, where)
+    w2 = np.ones(n) if weights is None else _vector("weights", weights, n, where) ** 2
+    den = float(np.sum(w2 * i_c * i_c))
+    return float(np.sum(w2 * i_o * i_c)) / den if den != 0.0 else 0.0
+
+
+def scale_per_frame(
+    i_obs: ArrayLike,
+    i_calc: ArrayLike,
+    frame_index: ArrayLike,
+    n_frames: int,
+    weights: ArrayLike | None = None,
+) -> np.ndarray:
+    """Closed-form least-squares scale of each frame, :func:`frame_scale` frame by frame.
+
+    k_f = Σ_{r∈f} w² I_o I_c / Σ_{r∈f} w² I_c², each frame independently.
+
+    Args:
+      i_obs: observed intensities, arbitrary units, shape (n_refl,).
+      i_calc: calculated intensities, arbitrary units, shape (n_refl,).
+      frame_index: frame of each reflection, integers in [0, n_frames), shape (n_refl,).
+      n_frames: number of frames.
+      weights: residual weights w, shape (n_refl,); None means w = 1.
+
+    Returns:
+      Scales k_f, float64, shape (n_frames,). A frame whose scale is undefined (no reflections,
+      or Σ w² I_c² = 0 because every calculated intensity is zero) gets 0.0, so scaled
+      intensities stay finite; the per-frame figures then report such a frame as NaN when it has
+      nothing to score and as an honest misfit (R = 1) when it has.
+    """
+    where = "scale_per_frame"
+    i_o = _vector("i_obs", i_obs, None, where)
+    n = i_o.shape[0]
+    i_c = _vector("i_calc", i_calc, n, where)
+    idx = _frames(frame_index, n_frames, n, where)
+    w2 = np.ones(n) if weights is None else _vector("weights", weights, n, where) ** 2
+    num = np.bincount(idx, weights=w2 * i_o * i_c, minlength=n_frames)
+    den = np.bincount(idx, weights=w2 * i_c * i_c, minlength=n_frames)
+    return np.nan_to_num(_ratio(num, den), nan=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jana2020 figures
+# ---------------------------------------------------------------------------------------------
+
+
+def jana_figures(
+    i_obs: ArrayLike, sigma: ArrayLike, i_calc: ArrayLike, *, n_params: int = 0
+) -> dict[str, float | int]:
+    """Jana2020 figures of merit on |F| (science.md §7), as fractions.
+
+    Conventions, exactly as science.md §7 writes them:
+
+    * F_o = sqrt(max(I_o, 0)); F_c = sqrt(max(I_c, 0)). ``i_calc`` must already be on the scale
+      of ``i_obs`` (apply the per-frame scale first, e.g. with :func:`scale_per_frame`).
+    * σ_F = σ/(2F_o), or 5√σ when I_o < 0.01σ (continuous at I_o = 0.01σ: a cap as F_o → 0).
+    * w = 1/(σ_F² + (0.01 F_o)²).
+    * "obs" = reflections with I_o > 3σ; "all" = every reflection given.
+    * R = Σ|F_o − F_c| / Σ F_o; wR = sqrt(Σ w (F_o − F_c)² / Σ w F_o²).
+    * GoF = sqrt(Σ w (F_o − F_c)² / (N_ref − N_par)). §7 does not say over which reflections;
+      Jana prints both, so ``gof`` uses the observed reflections (N_ref = n_obs, Jana's GOF(obs))
+      and ``gof_all`` every reflection (N_ref = n_all, Jana's GOF(all)).
+
+    Args:
+      i_obs: observed intensities, arbitrary units, shape (n,); negative values allowed
+        (background-subtracted; they give F_o = 0).
+      sigma: standard uncertainties σ(I_o), same units, shape (n,), every entry > 0.
+      i_calc: calculated intensities on the scale of ``i_obs``, shape (n,); negative values are
+        clipped to 0.
+      n_params: number of refined parameters N_par (only the GoF uses it).
+
+    Returns:
+      ``r_obs``, ``r_all``, ``wr_obs``, ``wr_all``, ``gof``, ``gof_all`` (float fractions) and
+      ``n_obs``, ``n_all`` (int). A ratio with nothing to sum over (an empty selection, Σ F_o = 0,
+      or N_ref − N_par ≤ 0 for a GoF) is NaN; no exception, no warning.
+
+    Raises:
+      EdkitError: mismatched shapes, non-finite values, σ ≤ 0, or n_params not an integer ≥ 0.
+    """
+    where = "jana_figures"
+    i_o = _vector("i_obs", i_obs, None, where)
+    n = i_o.shape[0]
+    s = _positive_sigma(sigma, n, where)
+    i_c = _vector("i_calc", i_calc, n, where)
+    if isinstance(n_params, bool) or not isinstance(n_params, int | np.integer) or n_params < 0:
+        raise EdkitError(f"{where}: n_params = {n_params!r}, expected an integer ≥ 0")
+
+    f_o = _amplitudes(i_o)
+    f_c = _amplitudes(i_c)
+    w = _jana_weights_np(i_o, s)
+    obs = i_o > OBS_SIGMA_CUT * s
+    abs_res = np.abs(f_o - f_c)
+    w_res2 = w * (f_o - f_c) ** 2
+    w_fo2 = w * f_o**2
+    n_obs = int(np.count_nonzero(obs))
+
+    def fig(sel: np.ndarray, n_ref: int) -> tuple[float, float, float]:
+        r = _ratio(np.sum(abs_res[sel]), np.sum(f_o[sel]))
+        wr2 = _ratio(np.sum(w_res2[sel]), np.sum(w_fo2[sel]))
+        gof2 = _ratio(np.sum(w_res2[sel]), n_ref - n_params if n_ref > n_params else 0)
+        return float(r), float(np.sqrt(wr2)), float(np.sqrt(gof2))
+
+    r_obs, wr_obs, gof = fig(obs, n_obs)
+    r_all, wr_all, gof_all = fig(np.ones(n, dtype=bool), n)
+    return {
+        "r_obs": r_obs,
+        "r_all": r_all,
+        "wr_obs": wr_obs,
+        "wr_all": wr_all,
+        "gof": gof,
+        "gof_all": gof_all,
+        "n_obs": n_obs,
+        "n_all": n,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# diffBloch per-frame figures
+# ---------------------------------------------------------------------------------------------
+
+
+def frame_r_obs(
+    i_obs: ArrayLike,
+    sigma: ArrayLike,
+    i_calc: ArrayLike,
+    frame_index: ArrayLike,
+    n_frames: int,
+) -> np.ndarray:
+    """Per-frame R_obs on |F| after a per-frame scale (diffBloch convention, science.md §7).
+
+    Each frame f is scaled on its own by the inverse-variance closed-form scale
+    k_f = Σ I_o I_c/σ² / Σ I_c²/σ² over all its reflections (:func:`scale_per_frame` with
+    w = 1/σ), then R_obs,f = Σ_obs |F_o − sqrt(k_f I_c)| / Σ_obs F_o over its reflections with
+    I_o > 3σ, with F = sqrt(max(I, 0)). diffBloch reports the mean of these over frames
+    (:func:`mean_frame_r_obs`); it is not comparable with Jana's R_obs.
+
+    Args:
+      i_obs: observed intensities, arbitrary units, shape (n_refl,).
+      sigma: σ(I_o), shape (n_refl,), every entry > 0.
+      i_calc: calculated intensities on any scale, shape (n_refl,).
+      frame_index: frame of each reflection, integers in [0, n_frames), shape (n_refl,).
+      n_frames: number of frames.
+
+    Returns:
+      R_obs per frame as fractions, float64, shape (n_frames,); NaN for a frame without observed
+      reflections.
+
+    Raises:
+      EdkitError: mismatched shapes, non-finite values, σ ≤ 0 or frame indices out of range.
+    """
+    where = "frame_r_obs"
+    i_o = _vector("i_obs", i_obs, None, where)
+    n = i_o.shape[0]
+    s = _positive_sigma(sigma, n, where)
+    i_c = _vector("i_calc", i_calc, n, where)
+    idx = _frames(frame_index, n_frames, n, where)
+    k = scale_per_frame(i_o, i_c, idx, n_frames, weights=1.0 / s)
+    f_o = _amplitudes(i_o)
+    f_c = _amplitudes(k[idx] * i_c)
+    obs = i_o > OBS_SIGMA_CUT * s
+    num = np.bincount(idx[obs], weights=np.abs(f_o - f_c)[obs], minlength=n_frames)
+    den = np.bincount(idx[obs], weights=f_o[obs], minlength=n_frames)
+    return _ratio(num, den)
+
+
+def mean_frame_r_obs(
+    i_obs: ArrayLike,
+    sigma: ArrayLike,
+    i_calc: ArrayLike,
+    frame_index: ArrayLike,
+    n_frames: int,
+) -> float:
+    """diffBloch mean per-frame R_obs; not comparable with Jana R_obs (science.md §7, §8).
+
+    The mean of :func:`frame_r_obs` over the frames that have at least one observed reflection
+    (I_o > 3σ); this is the number science.md §8 tabulates (there in %).
+
+    Args:
+      i_obs: observed intensities, arbitrary units, shape (n_refl,).
+      sigma: σ(I_o), shape (n_refl,), every entry > 0.
+      i_calc: calculated intensities on any scale, shape (n_refl,).
+      frame_index: frame of each reflection, integers in [0, n_frames), shape (n_refl,).
+      n_frames: number of frames.
+
+    Returns:
+      The mean per-frame R_obs as a fraction; NaN (no warning) when no frame has an observed
+      reflection.
+    """
+    r = frame_r_obs(i_obs, sigma, i_calc, frame_index, n_frames)
+    ok = np.isfinite(r)
+    return float(np.sum(r[ok]) / np.count_nonzero(ok)) if ok.any() else float("nan")
+
+
+def frame_wr2(
+    i_obs: ArrayLike,
+    sigma: ArrayLike,
+    i_calc: ArrayLike,
+    frame_index: ArrayLike,
+    n_frames: int,
+) -> np.ndarray:
+    """Per-frame intensity wR2 after a per-frame scale (diffBloch's objective, science.md §7).
+
+    wR2_f = sqrt(Σ_{r∈f} w (I_o − k_f I_c)² / Σ_{r∈f} w I_o²), w = 1/σ², with k_f the
+    closed-form scale for these weights, k_f = Σ w I_o I_c / Σ w I_c². Every reflection of the
+    frame counts (no 3σ cut); negative I_o enter as they are.
+
+    Args:
+      i_obs: observed intensities, arbitrary units, shape (n_refl,).
+      sigma: σ(I_o), shape (n_refl,), every entry > 0.
+      i_calc: calculated intensities on any scale, shape (n_refl,).
+      frame_index: frame of each reflection, integers in [0, n_frames), shape (n_refl,).
+      n_frames: number of frames.
+
+    Returns:
+      wR2 per frame as fractions, float64, shape (n_frames,); NaN for a frame without
+      reflections (or with every I_o = 0).
+
+    Raises:
+      EdkitError: mismatched shapes, non-finite values, σ ≤ 0 or frame indices out of range.
+    """
+    where = "frame_wr2"
+    i_o = _vector("i_obs", i_obs, None, where)
+    n = i_o.shape[0]
+    s = _positive_sigma(sigma, n, where)
+    i_c = _vector("i_calc", i_calc, n, where)
+    idx = _frames(frame_index, n_frames, n, where)
+    k = scale_per_frame(i_o, i_c, idx, n_frames, weights=1.0 / s)
+    w = 1.0 / s**2
+    num = np.bincount(idx, weights=w * (i_o - k[idx] * i_c) ** 2, minlength=n_frames)
+    den = np.bincount(idx, weights=w * i_o**2, minlength=n_frames)
+    return np.sqrt(_ratio(num, den))
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiable losses (JAX)
+# ---------------------------------------------------------------------------------------------
+
+
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+    """sqrt(max(x, 0)) whose gradient is 0 (not inf/NaN) at x ≤ 0 (optax ``safe_norm``)."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """num / den, 0 with a zero gradient where den == 0 (double ``where``)."""
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def _selection(mask: jax.Array) -> jax.Array:
+    """Boolean selection from a boolean or 0/1 float mask."""
+    mask = jnp.asarray(mask)
+    return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def jana_weights(i_obs: jax.Array, sigma: jax.Array) -> jax.Array:
+    """Jana2020 weights on |F| in JAX, the twin of :func:`_jana_weights_np` (science.md §7).
+
+    w = 1/(σ_F² + (0.01 F_o)²), σ_F = σ/(2F_o), or 5√σ where I_o < 0.01σ; σ must be > 0.
+    """
+    f_o = _safe_sqrt(i_obs)
+    weak = i_obs < WEAK_SIGMA_CUT * sigma
+    sigma_f = jnp.where(weak, 5.0 * jnp.sqrt(sigma), 0.5 * sigma / jnp.where(weak, 1.0, f_o))
+    return 1.0 / (sigma_f**2 + (JANA_INSTABILITY * f_o) ** 2)
+
+
+def jana_wr_loss(
+    i_obs: jax.Array,
+    sigma: jax.Array,
+    i_calc: jax.Array,
+    mask: jax.Array,
+    frame_index: jax.Array,
+    n_frames: int,
+) -> jax.Array:
+    """Jana wR on |F| over the scored reflections, each frame scaled in closed form (§7).
+
+    Per frame f, the amplitude scale k_f = Σ w F_o F_c / Σ w F_c² (sums over the scored
+    reflections of f) is the exact minimiser of Σ w (F_o − k_f F_c)², computed inside the loss
+    so the gradient goes through it; k_f F_c = sqrt(k_f² I_c), i.e. the intensity scale is k_f².
+    Then wR = sqrt(Σ w (F_o − k_f F_c)² / Σ w F_o²) over every scored reflection (one global
+    ratio). F_o = sqrt(max(I_o, 0)), F_c = sqrt(max(I_c, 0)), w are Jana's weights
+    (:func:`jana_figures`). The loss is invariant to any positive rescaling of ``i_calc``.
+
+    Gradients stay finite where I_c = 0 (F_c's gradient there is taken as 0), at a perfect fit
+    (wR = 0) and in a frame with no scored reflection (k_f = 0). Unscored reflections may carry
+    any finite or non-finite values: they never reach the value or the gradient. Computed in the
+    dtype of the inputs (float64 under x64).
+
+    Args:
+      i_obs: observed intensities, arbitrary units, shape (n_refl,).
+      sigma: σ(I_o), shape (n_refl,); > 0 on scored reflections.
+      i_calc: calculated intensities on any scale, shape (n_refl,); the differentiated input.
+      mask: scored reflections, bool or 0/1 float, shape (n_refl,).
+      frame_index: frame of each reflection, int in [0, n_frames), shape (n_refl,).
+      n_frames: number of frames (static under ``jax.jit``).
+
+    Returns:
+      wR as a fraction, shape (). NaN (with a zero gradient) when nothing is scored or every
+      scored F_o is 0.
+    """
+    sel = _selection(mask)
+    i_o = jnp.where(sel, i_obs, 0.0)
+    s = jnp.where(sel, sigma, 1.0)
+    i_c = jnp.where(sel, i_calc, 0.0)
+    f_o = _safe_sqrt(i_o)
+    f_c = _safe_sqrt(i_c)
+    w = jnp.where(sel, jana_weights(i_o, s), 0.0)
+
+    num_k = jax.ops.segment_sum(w * f_o * f_c, frame_index, num_segments=n_frames)
+    den_k = jax.ops.segment_sum(w * f_c * f_c, frame_index, num_segments=n_frames)
+    k = _safe_div(num_k, den_k)
+    res = f_o - k[frame_index] * f_c
+    num = jnp.sum(w * res**2)
+    den = jnp.sum(w * f_o**2)
+    return jnp.where(den > 0, _safe_sqrt(_safe_div(num, den)), jnp.nan)
+
+
+def intensity_wr2_loss(
+    i_obs: jax.Array,
+    sigma: jax.Array,
+    i_calc: jax.Array,
+    mask: jax.Array,
+    frame_index: jax.Array,
+    n_frames: int,
+    *,
+    reduction: Literal["frame_mean", "global"] = "frame_mean",
+) -> jax.Array:
+    """diffBloch's intensity wR2 with a closed-form per-frame scale (science.md §7).
+
+    Per frame f (sums over its scored reflections), w = 1/σ², k_f = Σ w I_o I_c / Σ w I_c²
+    (computed inside the loss and differentiated through) and
+    wR2_f = sqrt(Σ w (I_o − k_f I_c)² / Σ w I_o²), as :func:`frame_wr2` reports.
+
+    ``reduction="frame_mean"`` (default) returns the mean of wR2_f over the frames with a scored
+    reflection (Σ w I_o² > 0): every frame weighs the same, as in the paper's per-frame
+    objective. ``reduction="global"`` returns sqrt(Σ_f Σ w (I_o − k_f I_c)² / Σ_f Σ w I_o²),
+    which weighs frames by their Σ w I_o². Both are invariant to a positive rescaling of
+    ``i_calc``; gradients stay finite at a perfect fit, at I_c = 0 and for empty frames.
+
+    Args:
+      i_obs: observed intensities, arbitrary units, shape (n_refl,); negative values allowed.
+      sigma: σ(I_o), shape (n_refl,); > 0 on scored reflections.
+      i_calc: calculated intensities on any scale, shape (n_refl,); the differentiated input.
+      mask: scored reflections, bool or 0/1 float, shape (n_refl,).
+      frame_index: frame of each reflection, int in [0, n_frames), shape (n_refl,).
+      n_frames: number of frames (static under ``jax.jit``).
+      reduction: "frame_mean" or "global" (static).
+
+    Returns:
+      wR2 as a fraction, shape (). NaN (with a zero gradient) when nothing is scored.
+
+    Raises:
+      EdkitError: ``reduction`` is not "frame_mean" or "global" (raised while tracing).
+    """
+    if reduction not in ("frame_mean", "global"):
+        raise EdkitError(
+            f"intensity_wr2_loss: reduction = {reduction!r}, expected 'frame_mean' or 'global'"
+        )
+    sel = _selection(mask)
+    i_o = jnp.where(sel, i_obs, 0.0)
+    s = jnp.where(sel, sigma, 1.0)
+    i_c = jnp.where(sel, i_calc, 0.0)
+    w = jnp.where(sel, 1.0 / s**2, 0.0)
+
+    num_k = jax.ops.segment_sum(w * i_o * i_c, frame_index, num_segments=n_frames)
+    den_k = jax.ops.segment_sum(w * i_c * i_c, frame_index, num_segments=n_frames)
+    k = _safe_div(num_k, den_k)
+    res = i_o - k[frame_index] * i_c
+    num = jax.ops.segment_sum(w * res**2, frame_index, num_segments=n_frames)
+    den = jax.ops.segment_sum(w * i_o**2, frame_index, num_segments=n_frames)
+    if reduction == "global":
+        total = jnp.sum(den)
+        return jnp.where(total > 0, _safe_sqrt(_safe_div(jnp.sum(num), total)), jnp.nan)
+    valid = den > 0
+    n_valid = jnp.sum(valid)
+    per_frame = jnp.where(valid, _safe_sqrt(_safe_div(num, den)), 0.0)
+    return jnp.where(n_valid > 0, _safe_div(jnp.sum(per_frame), n_valid), jnp.nan)

@@ -49,10 +49,10 @@ ase_build = pytest.importorskip("ase.build")
 import jax.numpy as jnp  # noqa: E402
 
 from edkit.io.cif import read_cif  # noqa: E402
-from edkit.pattern import simulate_pattern  # noqa: E402
 from edkit.physics import bloch  # noqa: E402
 from edkit.physics.beams import coupling_indices  # noqa: E402
-from edkit.structure import structure_factors_of, structure_params, structure_tables  # noqa: E402
+from edkit.physics.structure import structure_factors_of, structure_params, structure_tables  # noqa: E402
+from edkit.simulate.pattern import simulate_pattern  # noqa: E402
 
 A_SI = 5.431  # Å
 VOLTAGE = 200e3  # V

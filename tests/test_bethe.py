@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from edkit import EdkitError
-from edkit.frames import build_frame_setup, frame_intensity_stack, simulate_frames
 from edkit.io.cif import read_cif
 from edkit.io.pets import read_pets, select_frames
 from edkit.physics import bloch, rocking
-from edkit.structure import structure_params, structure_tables
+from edkit.physics.structure import structure_params, structure_tables
+from edkit.simulate.frames import build_frame_setup, frame_intensity_stack, simulate_frames
 
 K = 40.0  # Å⁻¹
 
@@ -251,7 +251,7 @@ def test_borane_bethe_matches_the_full_solve(data_dir) -> None:
     |S| 0.04 Å⁻¹ solved exactly (~610 beams). Against that model, exact to 0.005 + Bethe to 0.04
     (~180 beams solved) and the same with the correction shared by 12 Chebyshev terms keep the
     mean per-frame R_obs within 0.1 % absolute."""
-    from edkit.synthetic import make_dataset, rotation_series
+    from edkit.simulate.synthetic import make_dataset, rotation_series
 
     crystal = read_cif(data_dir / "structures" / "borane.cif")
     geometry = rotation_series(

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from edkit.constants import electron_wavelength
 from edkit.physics import bloch
-from edkit.physics.constants import electron_wavelength
 
 # science.md §4: two-beam check, quartz 100 at 200 kV, U0 = 0, identity orientation.
 TWO_BEAM_U = 0.0202608

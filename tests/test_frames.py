@@ -1,4 +1,4 @@
-"""Frames of a continuous-rotation dataset (edkit.frames, science.md §5, §7).
+"""Frames of a continuous-rotation dataset (edkit.simulate.frames, science.md §5, §7).
 
 Padding is inert, the bookkeeping (000 first, every scored reflection simulated, cell check) holds,
 the rocking-curve integral converges in n_sub at its expected rate, thickness distributions and
@@ -17,18 +17,18 @@ import numpy as np
 import pytest
 
 from edkit.errors import EdkitError
-from edkit.frames import (
+from edkit.io.cif import read_cif
+from edkit.io.pets import read_pets, select_frames
+from edkit.metrics import mean_frame_r_obs
+from edkit.physics.rocking import sub_orientation_angles
+from edkit.physics.structure import structure_params, structure_tables
+from edkit.simulate.frames import (
     build_frame_setup,
     frame_intensity_stack,
     reflection_intensities,
     simulate_frames,
     thickness_search,
 )
-from edkit.io.cif import read_cif
-from edkit.io.pets import read_pets, select_frames
-from edkit.physics.rocking import sub_orientation_angles
-from edkit.refine.metrics import mean_frame_r_obs
-from edkit.structure import structure_params, structure_tables
 
 subset_frames = select_frames
 
@@ -340,8 +340,8 @@ def test_centrosymmetric_crystals_solve_real_matrices_with_the_same_result(data_
     symmetric; the real route gives the complex route's intensities and gradients (with Bethe
     beams, with and without absorption, double and single precision), and quartz (P3₂21) is
     not taken for centrosymmetric."""
-    from edkit.structure import centric_at_origin
-    from edkit.synthetic import rotation_series
+    from edkit.physics.structure import centric_at_origin
+    from edkit.simulate.synthetic import rotation_series
 
     glycine = read_cif(data_dir / "structures" / "glycine.cif")
     tables = structure_tables(glycine)

@@ -14,7 +14,7 @@ import pytest
 from scipy.optimize import minimize_scalar
 
 from edkit.errors import EdkitError
-from edkit.refine.metrics import (
+from edkit.metrics import (
     frame_r_obs,
     frame_scale,
     frame_wr2,

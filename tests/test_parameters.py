@@ -1,4 +1,4 @@
-"""Refinable structure parameters (edkit.refine.parameters.structure_mapping).
+"""Refinable structure parameters (edkit.models.parameters.structure_mapping).
 
 Checks on the four shared structures (quartz, pyrite, α-glycine, borane):
 
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from edkit.io.cif import read_cif
-from edkit.refine.parameters import ADP_FLOOR, structure_mapping
+from edkit.models.parameters import ADP_FLOOR, structure_mapping
 
 STRUCTURES = ("quartz", "pyrite", "glycine", "borane")
 

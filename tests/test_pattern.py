@@ -5,18 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from edkit.constants import electron_wavelength, potential_prefactor
 from edkit.errors import EdkitError
 from edkit.io.cif import read_cif
-from edkit.pattern import beam_direction, make_pattern_model, simulate_pattern
 from edkit.physics import bloch
 from edkit.physics.beams import coupling_indices
-from edkit.physics.constants import electron_wavelength, potential_prefactor
-from edkit.structure import (
+from edkit.physics.structure import (
     StructureParams,
     structure_factors_of,
     structure_params,
     structure_tables,
 )
+from edkit.simulate.pattern import beam_direction, make_pattern_model, simulate_pattern
 
 # science.md §3: quartz (enantiomer 1, P3₂21, CIF Uani), F in Å⁻².
 QUARTZ_F = {

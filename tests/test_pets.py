@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from edkit import schema
+from edkit.constants import electron_wavelength
 from edkit.errors import EdkitError
-from edkit.io import schema
 from edkit.io.pets import cell_parameters, read_pets, write_pets
-from edkit.physics.constants import electron_wavelength
 
 FILES = ["quartz_experimental", "quartz_synthetic", "glycine_dyn", "albite"]
 

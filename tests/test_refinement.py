@@ -27,7 +27,7 @@ from conftest import inject_nan_loss
 
 from edkit import EdkitError, Refinement, read_cif, read_pets
 from edkit.io.pets import select_frames
-from edkit.synthetic import make_dataset, rotation_series
+from edkit.simulate.synthetic import make_dataset, rotation_series
 
 G_MAX = 1.2
 N_SUB = 5

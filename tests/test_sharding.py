@@ -10,8 +10,8 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_enable_x64", True)
     import edkit
-    from edkit.frames import build_frame_setup, frame_intensity_stack
-    from edkit.structure import structure_params, structure_tables
+    from edkit.simulate.frames import build_frame_setup, frame_intensity_stack
+    from edkit.physics.structure import structure_params, structure_tables
 
     assert jax.device_count() == 2, jax.devices()
     data_dir = "{data}"

@@ -15,11 +15,11 @@ import pytest
 import xarray as xr
 
 from edkit.errors import EdkitError
-from edkit.frames import build_frame_setup, simulate_frames
 from edkit.io.cif import read_cif
 from edkit.io.pets import read_pets, write_pets, zone_axes_lab
-from edkit.refine.metrics import frame_wr2, mean_frame_r_obs
-from edkit.synthetic import make_dataset, rotation_series
+from edkit.metrics import frame_wr2, mean_frame_r_obs
+from edkit.simulate.frames import build_frame_setup, simulate_frames
+from edkit.simulate.synthetic import make_dataset, rotation_series
 
 N_SUB = 7  # few sub-orientations: the truth is re-simulated with the same rule
 

@@ -1,6 +1,6 @@
 """PETS2 ``.cif_pets`` files as xarray Datasets: reader, writer, frame orientations.
 
-The Dataset layout (names, dims, units) is documented in :mod:`edkit.io.schema`. The cell is six
+The Dataset layout (names, dims, units) is documented in :mod:`edkit.schema`. The cell is six
 0-d variables ``cell_a … cell_gamma`` (each with its own unit); :func:`cell_parameters` returns
 them as one array. attrs (str only, netCDF-safe):
 
@@ -29,9 +29,9 @@ import numpy as np
 import xarray as xr
 from gemmi import cif
 
+from edkit import schema
+from edkit.constants import voltage_from_wavelength
 from edkit.errors import EdkitError
-from edkit.io import schema
-from edkit.physics.constants import voltage_from_wavelength
 from edkit.physics.orientation import frame_rotation, orientation_matrix, real_space_basis
 
 GEOMETRIES = ("continuous rotation", "precession")
@@ -441,7 +441,7 @@ def _split_extra(extra: str) -> tuple[list[str], list[str]]:
 
 
 def read_pets(path: str | PathLike[str]) -> xr.Dataset:
-    """Read a PETS2 ``.cif_pets`` file into an xarray Dataset (layout: :mod:`edkit.io.schema`).
+    """Read a PETS2 ``.cif_pets`` file into an xarray Dataset (layout: :mod:`edkit.schema`).
 
     Dims ``frame`` (the PETS zone-axis ids, int) and ``refl``; every float variable has CF
     ``units`` and ``long_name``. The Dataset survives ``to_netcdf(engine="h5netcdf")`` and

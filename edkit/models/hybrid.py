@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from edkit.frames import FrameSetup, frame_intensity_stack, reflection_intensities
+from edkit.models.parameters import StructureMapping
 from edkit.models.thickness import FrameFeatures, ThicknessModel
 from edkit.physics import bloch
-from edkit.refine.parameters import StructureMapping
-from edkit.structure import StructureParams, StructureTables
+from edkit.physics.structure import StructureParams, StructureTables
+from edkit.simulate.frames import FrameSetup, frame_intensity_stack, reflection_intensities
 
 
 @dataclass(frozen=True, eq=False)

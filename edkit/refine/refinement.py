@@ -24,18 +24,13 @@ import xarray as xr
 from flax import nnx
 from tqdm.auto import tqdm
 
+from edkit import metrics
 from edkit.crystal import Crystal, adp_matrix
 from edkit.errors import EdkitError
-from edkit.frames import (
-    DEFAULT_G_MAX,
-    FrameSetup,
-    build_frame_setup,
-    frame_comparison,
-    thickness_search,
-)
 from edkit.io.cif import read_cif, write_cif
 from edkit.io.pets import frame_orientations
 from edkit.models.hybrid import ForwardContext, HybridModel
+from edkit.models.parameters import structure_mapping
 from edkit.models.thickness import (
     FrameFeatures,
     check_finite,
@@ -44,10 +39,15 @@ from edkit.models.thickness import (
     make_thickness_model,
 )
 from edkit.physics.rocking import LAB_BEAM
+from edkit.physics.structure import structure_tables
 from edkit.precision import x64
-from edkit.refine import metrics
-from edkit.refine.parameters import structure_mapping
-from edkit.structure import structure_tables
+from edkit.simulate.frames import (
+    DEFAULT_G_MAX,
+    FrameSetup,
+    build_frame_setup,
+    frame_comparison,
+    thickness_search,
+)
 
 if TYPE_CHECKING:
     from edkit.widgets.refinement_panel import RefinementPanel

@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edkit.constants import potential_prefactor
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.examples import example_file
 from edkit.io.cif import read_cif
-from edkit.pattern import beam_direction, make_pattern_model
 from edkit.physics import bloch
-from edkit.physics.constants import potential_prefactor
-from edkit.structure import structure_factors_of, structure_params, structure_tables
+from edkit.physics.structure import structure_factors_of, structure_params, structure_tables
+from edkit.simulate.pattern import beam_direction, make_pattern_model
 from edkit.widgets.bridge import HoloViewsWidget, extension
 
 __all__ = ["BlochExplorer", "two_beam_intensity"]

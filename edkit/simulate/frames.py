@@ -18,13 +18,13 @@ import numpy as np
 import xarray as xr
 from jax.sharding import Mesh, PartitionSpec
 
+from edkit import metrics
+from edkit.constants import electron_wavelength, potential_prefactor
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.io.pets import cell_parameters, frame_orientations
-from edkit.pattern import mean_inner_potential
 from edkit.physics import bloch
 from edkit.physics.beams import excitation_errors_np, reflections_within
-from edkit.physics.constants import electron_wavelength, potential_prefactor
 from edkit.physics.orientation import rotation_x, rotation_y, rotation_z
 from edkit.physics.rocking import (
     LAB_BEAM,
@@ -33,8 +33,7 @@ from edkit.physics.rocking import (
     sub_orientation_angles,
     sub_orientation_weights,
 )
-from edkit.refine import metrics
-from edkit.structure import (
+from edkit.physics.structure import (
     StructureParams,
     StructureTables,
     centric_at_origin,
@@ -42,6 +41,7 @@ from edkit.structure import (
     structure_params,
     structure_tables,
 )
+from edkit.simulate.pattern import mean_inner_potential
 
 DEFAULT_G_MAX = 1.6  # Å⁻¹
 DEFAULT_SG_MAX = 0.015  # Å⁻¹
@@ -434,7 +434,7 @@ def frame_intensity_stack(
       real_potential: solve with real potentials (real symmetric matrices without absorption:
         2–2.5× cheaper solves, ``benchmarks/kernel.py --real``). None: when the setup's crystal
         has the inversion through the origin, where F(h) is real (``setup.settings["centric"]``,
-        from :func:`edkit.structure.centric_at_origin`).
+        from :func:`edkit.physics.structure.centric_at_origin`).
 
     Returns:
       Intensities, (n_f, n_t, n); zero on padding beams.

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
+from edkit.constants import electron_wavelength, potential_prefactor
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.physics import bloch
 from edkit.physics.beams import coupling_indices, select_beams
-from edkit.physics.constants import electron_wavelength, potential_prefactor
-from edkit.structure import (
+from edkit.physics.structure import (
     StructureParams,
     StructureTables,
     structure_factors_of,

@@ -17,9 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
+from edkit import schema
+from edkit.constants import electron_wavelength, voltage_from_wavelength
 from edkit.crystal import Crystal, real_basis_of
 from edkit.errors import EdkitError
-from edkit.frames import (
+from edkit.io.pets import frame_orientations
+from edkit.physics.structure import structure_params, structure_tables
+from edkit.simulate.frames import (
     DEFAULT_DSG,
     DEFAULT_G_MAX,
     DEFAULT_RSG,
@@ -29,10 +33,6 @@ from edkit.frames import (
     klar_selection,
     thickness_nodes,
 )
-from edkit.io import schema
-from edkit.io.pets import frame_orientations
-from edkit.physics.constants import electron_wavelength, voltage_from_wavelength
-from edkit.structure import structure_params, structure_tables
 
 __all__ = ["make_dataset", "rotation_series"]
 
@@ -94,7 +94,7 @@ def rotation_series(
         ``voltage_from_wavelength`` of it, as ``read_pets`` would.
       rotation_axis_position: φ, degrees (default 0).
       mosaicity: Gaussian mosaic spread, degrees (default 0).
-      dstarmax: resolution limit, Å⁻¹ (default ``edkit.frames.DEFAULT_G_MAX``).
+      dstarmax: resolution limit, Å⁻¹ (default ``edkit.simulate.frames.DEFAULT_G_MAX``).
 
     Returns:
       Dataset with dims frame, uvw, ub_row, ub_col and an empty refl; attrs
@@ -263,8 +263,9 @@ def make_dataset(
     """Simulate every frame of ``geometry`` with ``crystal``, add Poisson noise: a dataset.
 
     Simulation: the beams of each frame and its rocking curve exactly as
-    :func:`edkit.frames.build_frame_setup` plans them (``g_max``, ``sg_max``, ``n_sub``, the
-    geometry's mosaicity), intensities from :func:`edkit.frames.frame_intensity_stack`.
+    :func:`~edkit.simulate.frames.build_frame_setup` plans them (``g_max``, ``sg_max``,
+    ``n_sub``, the geometry's mosaicity), intensities from
+    :func:`edkit.simulate.frames.frame_intensity_stack`.
 
     Reflections recorded: every simulated non-000 beam of a frame that passes Klar's test at the
     frame centre (|S_g| < rsg·ΔS and ΔS − |S_g| > dsg, ΔS = |(g_y, g_z)|·θ; the same test and
@@ -282,7 +283,7 @@ def make_dataset(
       geometry: a ``read_pets`` or :func:`rotation_series` dataset; its reflections are ignored.
       thickness_model: Å: a scalar, one value per frame (n_f,), a callable
         f(alpha in degrees, (n_f,)) returning either of those (or a distribution), or a
-        distribution ``(values, weights)`` as :func:`edkit.frames.thickness_nodes` accepts.
+        distribution ``(values, weights)`` as :func:`edkit.simulate.frames.thickness_nodes` accepts.
       counts: expected counts of the brightest reflection, > 0.
       seed: seed of the noise generator.
       g_max, sg_max, n_sub: beam and rocking-curve settings (``build_frame_setup``).

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edkit.crystal import Crystal, adp_matrix, adp_vector
-from edkit.structure import StructureParams
+from edkit.physics.structure import StructureParams
 
 #: Smallest eigenvalue an ADP tensor may take (Cartesian, Å²) before the penalty acts.
 ADP_FLOOR = 1e-4

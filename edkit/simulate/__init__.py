@@ -1,0 +1,2 @@
+"""Simulation: frame set-up (beam tables, Klar selection), frame stacks, patterns, synthetic
+data."""
