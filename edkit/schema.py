@@ -34,6 +34,7 @@ dstarmax                  ()                     1/angstrom  resolution limit (o
 
 from typing import NamedTuple
 
+import numpy as np
 import xarray as xr
 
 # Dimension names (the one vocabulary of style.md §5).
@@ -146,3 +147,8 @@ def apply_dataarray_attrs(array: xr.DataArray, name: str) -> xr.DataArray:
         if coord in VARIABLES:
             array.coords[coord].attrs.update(variable_attrs(str(coord)))
     return array
+
+
+def cell_parameters(dataset: xr.Dataset) -> np.ndarray:
+    """(a, b, c, α, β, γ) of a PETS dataset, Å and degrees, float64, shape (6,)."""
+    return np.array([float(dataset[name]) for name in CELL_VARIABLES], dtype=np.float64)

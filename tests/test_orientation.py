@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edkit.io.pets import cell_parameters, frame_orientations, read_pets, zone_axes_lab
+from edkit.io.pets import cell_parameters, read_pets
+from edkit.physics.geometry import frame_orientations, zone_axes_lab
 from edkit.physics.orientation import (
     frame_rotation,
     orientation_matrix,

@@ -16,8 +16,9 @@ import xarray as xr
 
 from edkit.errors import EdkitError
 from edkit.io.cif import read_cif
-from edkit.io.pets import read_pets, write_pets, zone_axes_lab
+from edkit.io.pets import read_pets, write_pets
 from edkit.metrics import frame_wr2, mean_frame_r_obs
+from edkit.physics.geometry import zone_axes_lab
 from edkit.simulate.frames import build_frame_setup, simulate_frames
 from edkit.simulate.synthetic import make_dataset, rotation_series
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from edkit.crystal import ADP_INDICES, Crystal, atomic_number, real_basis_of
 from edkit.errors import EdkitError
+from edkit.version import __version__
 
 __all__ = ["format_with_su", "read_cif", "write_cif"]
 
@@ -679,7 +680,6 @@ def write_cif(
     path_str = os.fspath(path)
     stem = Path(crystal.source or path_str).stem
     name = re.sub(r"[^A-Za-z0-9_.\-]", "_", stem) or "edkit"
-    from edkit import __version__
 
     out = [f"data_{name}", f"_audit_creation_method 'edkit {__version__}'", ""]
     for k, tag in enumerate(_CELL_TAGS):

@@ -21,7 +21,7 @@ from edkit import schema
 from edkit.constants import electron_wavelength, voltage_from_wavelength
 from edkit.crystal import Crystal, real_basis_of
 from edkit.errors import EdkitError
-from edkit.io.pets import frame_orientations
+from edkit.physics.geometry import frame_orientations
 from edkit.physics.structure import structure_params, structure_tables
 from edkit.simulate.frames import (
     DEFAULT_DSG,
@@ -72,7 +72,7 @@ def rotation_series(
     """The frames of an ideal continuous-rotation dataset, in the layout of ``read_pets``.
 
     Frame i (id i + 1) sits at α_i = alpha_start + i·alpha_step, β = ω = 0; its zone axis is the
-    real-space direction that :func:`edkit.io.pets.frame_orientations` maps to lab +z,
+    real-space direction that :func:`edkit.physics.geometry.frame_orientations` maps to lab +z,
     O_iᵀ ẑ written in the a, b, c basis and normalised so that its largest |component| is 1
     (so ``zone_axes_lab`` returns (0, 0, 1) for every frame). The ``refl`` dimension is present
     and empty; :func:`make_dataset` fills it.

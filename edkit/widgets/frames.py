@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from edkit.errors import EdkitError
-from edkit.io.pets import frame_orientations
+from edkit.physics.geometry import frame_orientations
 from edkit.refine.refinement import Refinement
 from edkit.widgets.bridge import HoloViewsWidget, extension, refinement_lock
 
