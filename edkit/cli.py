@@ -1,16 +1,25 @@
-"""The ``edkit`` command line: ``edkit refine`` and ``edkit demo``."""
+"""The ``edkit`` command line: ``edkit refine`` and ``edkit demo``.
+
+The refinement flags, their defaults, choices and help lines come from the fields of
+:class:`edkit.refine.options.RefinementOptions` (one source); the others (files, steps,
+Levenberg–Marquardt rounds, output) belong to the command line alone.
+"""
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+import typing
 from pathlib import Path
+from typing import Any
 
 from edkit.errors import EdkitError
 from edkit.examples import example_file
+from edkit.refine.options import CHOICES, RefinementOptions, options_from, parse_memory
 
-THICKNESS_CHOICES = ("constant", "per-frame", "platelet", "wedge", "profile-net", "map-net")
+OPTION_FIELDS = tuple(f for f in dataclasses.fields(RefinementOptions) if f.metadata["cli"])
 
 
 def _refine(args: argparse.Namespace) -> dict:
@@ -19,6 +28,10 @@ def _refine(args: argparse.Namespace) -> dict:
     from edkit.io.pets import read_pets, select_frames
     from edkit.refine.refinement import Refinement
 
+    options = _options(args)  # checked before any file is read
+    for flag, path in (("--structure", args.structure), ("--data", args.data)):
+        if not Path(path).is_file():
+            raise EdkitError(f"{flag} {path}: no such file")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     crystal = read_cif(args.structure)
@@ -26,25 +39,7 @@ def _refine(args: argparse.Namespace) -> dict:
     if args.every > 1:
         dataset = select_frames(dataset, slice(0, None, args.every))
     started = time.perf_counter()
-    refine = [group.strip() for group in args.refine.split(",") if group.strip()]
-    if args.absorption is not None and args.refine_absorption and "absorption" not in refine:
-        refine.append("absorption")
-    refinement = Refinement(
-        crystal,
-        dataset,
-        refine=tuple(refine),
-        thickness=args.thickness,
-        absorption=args.absorption,
-        g_max=args.g_max,
-        sg_max=args.sg_max,
-        sg_weak=args.sg_weak if args.sg_weak > 0 else None,
-        n_sub=args.n_sub,
-        seed=args.seed,
-        devices=args.devices,
-        precision=args.precision,
-        bethe_terms=args.bethe_terms if args.bethe_terms > 0 else None,
-        remat="eigensystems" if args.low_memory else False,
-    )
+    refinement = Refinement(crystal, dataset, **options)
     print(
         f"{len(dataset.frame)} frames, {int(refinement.setup.scored.sum())} scored reflections, "
         f"{refinement.setup.settings['n_sub']} sub-orientations per frame, beams per frame "
@@ -97,61 +92,100 @@ def _print_report(report: dict, out: Path) -> None:
     print(f"wrote {out / 'refined.cif'}, {out / 'report.json'}, {out / 'refinement.nc'}")
 
 
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Refinement keywords the flags set, checked; defaults are left to Refinement."""
+    kwargs: dict[str, Any] = {}
+    for option in OPTION_FIELDS:
+        value = getattr(args, option.name)
+        if option.name == "refine":
+            value = tuple(group.strip() for group in value.split(",") if group.strip())
+        if option.metadata.get("zero") and value == 0:
+            value = None
+        kwargs[option.name] = value
+    if (
+        args.refine_absorption
+        and args.absorption is not None
+        and "absorption" not in kwargs["refine"]
+    ):
+        kwargs["refine"] += ("absorption",)
+    try:
+        options_from(**kwargs)
+    except EdkitError as error:  # "devices = 0: …" → "--devices: devices = 0: …"
+        flags = {option.name: option.metadata["cli"] for option in OPTION_FIELDS}
+        flag = flags.get(str(error).split(" ", 1)[0])
+        raise EdkitError(f"{flag}: {error}" if flag else str(error)) from None
+    # Refinement's defaults are RefinementOptions' own: pass only what the flags change.
+    return {
+        option.name: kwargs[option.name]
+        for option in OPTION_FIELDS
+        if kwargs[option.name] != option.default
+    }
+
+
+def _memory(text: str) -> float:
+    try:
+        return parse_memory(text)
+    except EdkitError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RefinementOptions field with a "cli" name: help, default, units, choices."""
+    hints = typing.get_type_hints(RefinementOptions)
+    for option in OPTION_FIELDS:
+        meta, default = option.metadata, option.default
+        if isinstance(default, tuple):
+            default = ",".join(default)  # --refine: comma-separated
+        units = "" if meta["units"] in ("", "1") else f" {meta['units']}"
+        shown = meta["none"] if default is None else f"{default}{units}"
+        help_ = f"{meta['help']} (default: {shown})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": option.name, "default": default, "help": help_}
+        if "flag" in meta:
+            kwargs.update(action="store_const", const=meta["flag"])
+        elif option.name == "refine":
+            kwargs["metavar"] = "GROUP,..."
+        elif option.name in CHOICES:
+            kwargs["choices"] = CHOICES[option.name]
+        elif option.name == "memory_limit":
+            kwargs.update(type=_memory, metavar="SIZE")
+        else:
+            hint = hints[option.name]
+            kwargs["type"] = int if int in (hint, *typing.get_args(hint)) else float
+            if "bare" in meta:
+                kwargs.update(nargs="?", const=meta["bare"])
+        parser.add_argument(meta["cli"], **kwargs)
+
+
 def _add_refine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="edkit-out", help="output folder")
-    parser.add_argument("--steps", type=int, default=60, help="Adam steps (joint)")
-    parser.add_argument("--thickness", choices=THICKNESS_CHOICES, default="profile-net")
+    parser.add_argument("--out", default="edkit-out", help="output folder (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=60, help="Adam steps (default: %(default)s)")
+    _add_option_flags(parser)
     parser.add_argument(
-        "--absorption", type=float, nargs="?", const=0.05, default=None,
-        help="proportional absorption κ (U' = κU); bare flag: 0.05",
-    )  # fmt: skip
-    parser.add_argument("--refine-absorption", action="store_true", help="refine κ too")
-    parser.add_argument("--g-max", type=float, default=1.6, help="Å⁻¹")
+        "--refine-absorption", action="store_true", help="with --absorption: refine κ too"
+    )
     parser.add_argument(
-        "--sg-max", type=float, default=0.005,
-        help="beams solved exactly: smallest |S_g| over the frame ≤ this, Å⁻¹",
-    )  # fmt: skip
+        "--every", type=int, default=1, help="use every N-th frame only (default: %(default)s)"
+    )
     parser.add_argument(
-        "--sg-weak", type=float, default=0.03,
-        help="beams up to this |S_g| join as Bethe potentials, Å⁻¹ (0: none)",
+        "--lm-rounds", type=int, default=2,
+        help="Levenberg–Marquardt rounds (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--bethe-terms", type=int, default=12,
-        help="Chebyshev terms of the Bethe correction shared by a frame's sub-orientations "
-        "(0: build it at every sub-orientation)",
+        "--lm-iterations", type=int, default=4,
+        help="iterations per Levenberg–Marquardt round (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--low-memory", action="store_true",
-        help="keep only the eigendecompositions for the gradient (large cells)",
+        "--polish-steps", type=int, default=10,
+        help="Adam steps after each Levenberg–Marquardt round (default: %(default)s)",
     )  # fmt: skip
-    parser.add_argument(
-        "--refine", default="positions,adp,thickness,orientation",
-        help="comma-separated groups: positions, adp, occupancy, orientation, absorption, "
-        "thickness",
-    )  # fmt: skip
-    parser.add_argument("--n-sub", type=int, default=None, help="sub-orientations per frame")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--every", type=int, default=1, help="use every N-th frame only")
-    parser.add_argument(
-        "--devices", type=int, default=1,
-        help="shard frames over N devices (on CPU: N host devices, one per core)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--precision", choices=("double", "single"), default="double",
-        help="complex128 or complex64 Bloch solves",
-    )  # fmt: skip
-    parser.add_argument("--lm-rounds", type=int, default=2, help="Levenberg–Marquardt rounds")
-    parser.add_argument("--lm-iterations", type=int, default=4)
-    parser.add_argument("--polish-steps", type=int, default=10, help="Adam steps after each LM")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``edkit`` command."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edkit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     refine = commands.add_parser("refine", help="refine a structure against a PETS2 dataset")
-    refine.add_argument("--structure", required=True, help="starting CIF")
+    refine.add_argument("--structure", required=True, help="starting CIF file")
     refine.add_argument("--data", required=True, help="PETS2 .cif_pets file")
     _add_refine_options(refine)
     demo = commands.add_parser(
@@ -160,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_refine_options(demo)
     demo.set_defaults(every=3, steps=40, lm_rounds=1, lm_iterations=3, polish_steps=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``edkit`` command; returns the exit code (2: bad input)."""
+    args = _parser().parse_args(argv)
     if args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get(
         "XLA_FLAGS", ""
     ):
@@ -175,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edkit demo: {args.structure.name} against {args.data.name}", flush=True)
     try:
         report = _refine(args)
-    except EdkitError as error:
+    except (EdkitError, OSError) as error:
         print(f"edkit: error: {error}", file=sys.stderr)
         return 2
     _print_report(report, Path(args.out))

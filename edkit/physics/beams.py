@@ -6,6 +6,10 @@ before any tracing; the differentiable quantities (S_g, F) are then evaluated on
 
 import numpy as np
 
+#: Default resolution limit of the beam sets, Å⁻¹, for single patterns and frames alike. It lives
+#: here, below both: the frame modules import edkit.simulate.pattern, so it cannot import them.
+DEFAULT_G_MAX = 1.6  # Å⁻¹
+
 
 def reflections_within(reciprocal_basis: np.ndarray, g_max: float) -> np.ndarray:
     """All Miller indices with |g| ≤ g_max, 000 first, then by increasing |g|.

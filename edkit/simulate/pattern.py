@@ -13,7 +13,7 @@ from edkit.constants import electron_wavelength, potential_prefactor
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.physics import bloch
-from edkit.physics.beams import coupling_indices, select_beams
+from edkit.physics.beams import DEFAULT_G_MAX, coupling_indices, select_beams
 from edkit.physics.structure import (
     StructureParams,
     StructureTables,
@@ -22,7 +22,6 @@ from edkit.physics.structure import (
     structure_tables,
 )
 
-DEFAULT_G_MAX = 1.5  # Å⁻¹
 DEFAULT_SG_MAX = 0.02  # Å⁻¹
 
 
