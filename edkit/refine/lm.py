@@ -1,0 +1,187 @@
+"""Least squares on the structure: the normal matrix JᵀWJ accumulated chunk by chunk of frames.
+
+The crystallographer's least squares (Jana2020's) on the weighted |F| residuals
+r = sqrt(w)(F_o − k_f F_c) of the training reflections, with respect to the free structural
+coefficients θ (positions in Å, ADPs in Å²; thickness, orientations and networks held). The
+full Jacobian (n_refl × n_par) is never formed: θ enters the frames only through F, |K| (and κ),
+so their tangents dF/dθ (n_par × m) are taken once by forward mode, and each chunk of frames adds
+its J_cᵀJ_c (n_par × n_par), J_cᵀr_c and r_cᵀr_c, with J_c from one linearisation of the chunk
+and n_par tangent passes. Levenberg–Marquardt and the standard uncertainties use these sums.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from edkit.errors import EdkitError
+from edkit.refine.core import Intermediates, chunk_intensities, intermediates, model_intermediates
+from edkit.refine.objective import jana_residuals
+from edkit.refine.problem import Chunk, Problem
+from edkit.simulate.stack import Potentials, StackConfig
+
+
+class NormalEquations(NamedTuple):
+    """Σ over chunks: JᵀJ (n_par, n_par), Jᵀr (n_par,), rᵀr (), and the residual count."""
+
+    normal: np.ndarray
+    gradient: np.ndarray
+    cost: float
+    n_residuals: int
+
+
+def free_masks(mapping: Any, enabled: dict[str, bool]) -> tuple[np.ndarray, np.ndarray]:
+    """Free position (n, 3) and ADP (n, 6) coefficients of the enabled groups."""
+    return (
+        mapping.position_mask & enabled.get("positions", False),
+        mapping.adp_mask & enabled.get("adp", False),
+    )
+
+
+def shift_structure(
+    params: Any, graphdef: Any, pos_mask: np.ndarray, adp_mask: np.ndarray, theta: jax.Array
+) -> Any:
+    """``params`` with the free coefficients moved by ``theta`` (positions first, then ADPs)."""
+    model = nnx.merge(graphdef, params, copy=True)  # never mutate ``params`` itself
+    n_pos = int(pos_mask.sum())
+    model.positions[...] = model.positions[...].at[pos_mask].add(theta[:n_pos])
+    model.adp[...] = model.adp[...].at[adp_mask].add(theta[n_pos:])
+    return nnx.split(model, nnx.Param)[1]
+
+
+def _residuals(z: Intermediates, chunk: Chunk, reciprocal: jax.Array, config: StackConfig):
+    i_calc = chunk_intensities(z, chunk, reciprocal, config)
+    n_local = chunk.frames.shape[0]
+    return jana_residuals(chunk.i_obs, chunk.sigma, i_calc, chunk.train, chunk.refl_frame, n_local)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def chunk_normal(
+    z: Intermediates,
+    tangents: Potentials,
+    chunk: Chunk,
+    reciprocal: jax.Array,
+    config: StackConfig,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One chunk's JᵀJ, Jᵀr and rᵀr; ``tangents`` are dPotentials/dθ with a leading n_par
+    axis. Memory: one linearisation of the chunk and one tangent pass at a time."""
+
+    def residuals(pot: Potentials) -> jax.Array:
+        return _residuals(z._replace(potentials=pot), chunk, reciprocal, config)
+
+    r, linear = jax.linearize(residuals, z.potentials)
+    jac = jax.lax.map(linear, tangents)  # (n_par, r)
+    return jac @ jac.T, jac @ r, r @ r
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def chunk_cost(
+    z: Intermediates, chunk: Chunk, reciprocal: jax.Array, config: StackConfig
+) -> jax.Array:
+    """One chunk's rᵀr (forward only)."""
+    r = _residuals(z, chunk, reciprocal, config)
+    return r @ r
+
+
+class StructureLeastSquares:
+    """Normal equations and costs over the free structural coefficients of a problem.
+
+    Args:
+      problem: the refinement's fixed data.
+      pos_mask, adp_mask: free coefficients (see :func:`free_masks`).
+    """
+
+    def __init__(self, problem: Problem, pos_mask: np.ndarray, adp_mask: np.ndarray) -> None:
+        self.problem = problem
+        self.pos_mask, self.adp_mask = np.asarray(pos_mask), np.asarray(adp_mask)
+        self.n_free = int(self.pos_mask.sum() + self.adp_mask.sum())
+        if self.n_free == 0:
+            raise EdkitError("no structural parameter is refined (enable 'positions' or 'adp')")
+        self.n_residuals = int(sum(int(np.sum(c.train)) for c in problem.chunks))
+        self._tangents: Callable = jax.jit(self._tangents_of)
+
+    def shift(self, params: Any, theta: np.ndarray) -> Any:
+        """``params`` moved by ``theta`` along the free coefficients."""
+        return shift_structure(
+            params, self.problem.graphdef, self.pos_mask, self.adp_mask, jnp.asarray(theta)
+        )
+
+    def _tangents_of(self, params: Any, problem: Problem) -> tuple[Intermediates, Potentials]:
+        def potentials_of(theta):
+            return model_intermediates(self.shift(params, theta), problem).potentials
+
+        z = model_intermediates(params, problem)
+        _, linear = jax.linearize(potentials_of, jnp.zeros(self.n_free))
+        return z, jax.vmap(linear)(jnp.eye(self.n_free))
+
+    def normal_equations(self, params: Any) -> NormalEquations:
+        """Σ_c J_cᵀJ_c, Σ_c J_cᵀr_c and Σ_c r_cᵀr_c at ``params``, chunk by chunk."""
+        problem = self.problem
+        z, tangents = self._tangents(params, problem)
+        normal = gradient = cost = None
+        for chunk in problem.chunks:
+            n_c, g_c, c_c = chunk_normal(
+                z, tangents, chunk, problem.tables.reciprocal_basis, problem.config
+            )
+            if normal is None:
+                normal, gradient, cost = n_c, g_c, c_c
+            else:
+                normal, gradient, cost = normal + n_c, gradient + g_c, cost + c_c
+        return NormalEquations(
+            np.asarray(normal), np.asarray(gradient), float(cost), self.n_residuals
+        )
+
+    def cost(self, params: Any) -> float:
+        """Σ r² at ``params`` (forward only, chunk by chunk)."""
+        problem = self.problem
+        z = intermediates(params, problem)
+        total = 0.0
+        for chunk in problem.chunks:
+            total = total + chunk_cost(z, chunk, problem.tables.reciprocal_basis, problem.config)
+        return float(total)
+
+
+def levenberg_marquardt(
+    least_squares: StructureLeastSquares,
+    params: Any,
+    iterations: int,
+    *,
+    damping: float = 1e-3,
+    tolerance: float = 1e-6,
+) -> tuple[Any, list[float], float]:
+    """Levenberg–Marquardt: (JᵀJ + λ diag JᵀJ) δ = −Jᵀr, a shift accepted if Σr² drops, λ
+    adapted. Returns (params, Σr² after each iteration, the final Σr²)."""
+    equations = least_squares.normal_equations(params)
+    cost = equations.cost
+    costs: list[float] = []
+    for _ in range(iterations):
+        normal, gradient = equations.normal, equations.gradient
+        accepted, improvement = False, 0.0
+        for _attempt in range(8):
+            lhs = normal + damping * np.diag(np.maximum(np.diag(normal), 1e-12))
+            shift = -np.linalg.solve(lhs, gradient)
+            trial = least_squares.shift(params, shift)
+            trial_cost = least_squares.cost(trial)
+            if np.isfinite(trial_cost) and trial_cost < cost:
+                accepted, improvement = True, (cost - trial_cost) / cost
+                params, cost = trial, trial_cost
+                damping = max(damping / 10.0, 1e-9)
+                break
+            damping *= 10.0
+        costs.append(cost)
+        if not accepted or improvement < tolerance:
+            break
+        equations = least_squares.normal_equations(params)
+    return params, costs, cost
+
+
+def covariance(equations: NormalEquations, n_free: int) -> tuple[np.ndarray, float]:
+    """Covariance of the free coefficients, pinv(JᵀJ)·GoF² (Jana's convention), and the GoF
+    sqrt(Σr²/(n − n_par))."""
+    dof = max(equations.n_residuals - n_free, 1)
+    gof = float(np.sqrt(equations.cost / dof))
+    return np.linalg.pinv(equations.normal) * gof**2, gof

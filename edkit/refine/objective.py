@@ -1,0 +1,100 @@
+"""The refinement's losses as sums over frames, so that chunks of frames add up exactly.
+
+Each loss of :mod:`edkit.metrics` is an outer function of one sum over frames (every frame
+scaled in closed form by its own reflections) divided by a data-only normaliser D:
+
+* "jana": wR = sqrt(N / D), N = Σ w (F_o − k_f F_c)², D = Σ w F_o² (:func:`metrics.jana_wr_loss`);
+* "wr2": the mean of per-frame intensity wR2 = S / D, S = Σ_f wR2_f, D = number of frames with a
+  scored reflection (:func:`metrics.intensity_wr2_loss`, ``reduction="frame_mean"``).
+
+:func:`chunk_partial_sum` gives a chunk's N (or S); :func:`loss_from_sums` the loss and its
+derivative with respect to the total sum, by which the chunks' summed gradients are scaled.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from edkit import metrics
+
+
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def jana_residuals(
+    i_obs: jax.Array,
+    sigma: jax.Array,
+    i_calc: jax.Array,
+    mask: jax.Array,
+    frame_index: jax.Array,
+    n_frames: int,
+) -> jax.Array:
+    """sqrt(w)(F_o − k_f F_c) with the closed-form per-frame amplitude scale k_f; zero off
+    ``mask``. Shapes (r,); ``frame_index`` in [0, n_frames). Σ r² is the numerator of wR."""
+    i_o = jnp.where(mask, i_obs, 0.0)
+    s = jnp.where(mask, sigma, 1.0)
+    f_o = _safe_sqrt(i_o)
+    f_c = _safe_sqrt(jnp.where(mask, i_calc, 0.0))
+    w = jnp.where(mask, metrics.jana_weights(i_o, s), 0.0)
+    num = jax.ops.segment_sum(w * f_o * f_c, frame_index, num_segments=n_frames)
+    den = jax.ops.segment_sum(w * f_c * f_c, frame_index, num_segments=n_frames)
+    k = _safe_div(num, den)
+    return _safe_sqrt(w) * (f_o - k[frame_index] * f_c)
+
+
+def _wr2_frame_sum(i_obs, sigma, i_calc, mask, frame_index, n_frames):
+    i_o = jnp.where(mask, i_obs, 0.0)
+    s = jnp.where(mask, sigma, 1.0)
+    i_c = jnp.where(mask, i_calc, 0.0)
+    w = jnp.where(mask, 1.0 / s**2, 0.0)
+    num_k = jax.ops.segment_sum(w * i_o * i_c, frame_index, num_segments=n_frames)
+    den_k = jax.ops.segment_sum(w * i_c * i_c, frame_index, num_segments=n_frames)
+    k = _safe_div(num_k, den_k)
+    res = i_o - k[frame_index] * i_c
+    num = jax.ops.segment_sum(w * res**2, frame_index, num_segments=n_frames)
+    den = jax.ops.segment_sum(w * i_o**2, frame_index, num_segments=n_frames)
+    return jnp.sum(jnp.where(den > 0, _safe_sqrt(_safe_div(num, den)), 0.0))
+
+
+def chunk_partial_sum(
+    objective: str,
+    i_obs: jax.Array,
+    sigma: jax.Array,
+    i_calc: jax.Array,
+    mask: jax.Array,
+    frame_index: jax.Array,
+    n_frames: int,
+) -> jax.Array:
+    """A chunk's share of the loss's sum (N for "jana", S for "wr2"; module docstring), ().
+
+    Args:
+      objective: "jana" or "wr2" (static).
+      i_obs, sigma, i_calc: the chunk's reflections, (r,).
+      mask: reflections that count, bool, (r,).
+      frame_index: each reflection's frame within the chunk, (r,).
+      n_frames: frames in the chunk (static).
+    """
+    if objective == "wr2":
+        return _wr2_frame_sum(i_obs, sigma, i_calc, mask, frame_index, n_frames)
+    r = jana_residuals(i_obs, sigma, i_calc, mask, frame_index, n_frames)
+    return jnp.sum(r * r)
+
+
+def loss_from_sums(
+    objective: str, total: jax.Array, denominator: float
+) -> tuple[jax.Array, jax.Array]:
+    """(loss, d loss / d total) from the summed partial sums; NaN loss when D = 0."""
+    total = jnp.asarray(total)
+    if denominator <= 0:
+        return jnp.asarray(jnp.nan), jnp.zeros_like(total)
+    if objective == "wr2":
+        return total / denominator, jnp.ones_like(total) / denominator
+    loss = _safe_sqrt(total / denominator)
+    factor = _safe_div(jnp.ones_like(total), 2.0 * loss * denominator)
+    return loss, factor

@@ -1,0 +1,234 @@
+"""The memory planner: bytes per chunk of frames, chosen before any heavy work.
+
+A refinement step streams its frames chunk by chunk (``edkit.refine.core``), so its peak is the
+fixed part (the runtime, the data, the set-up's beam tables, F and its cotangent) plus the
+working set of one chunk's value and gradient. That working set is modelled per frame from its
+padded beam count n, weak-beam count n_w, sub-orientations n_s, thickness nodes n_t, the
+solve's element size and what the backward pass keeps (``remat``):
+
+* kept for the gradient per sub-orientation: about ``KEEP`` n² elements (everything: the
+  matrix, its eigenvectors, the Daleckii–Krein factors), or n² + n (eigensystems only);
+* transient while one batch of frames is solved: about ``WORK`` n² elements per solve;
+* the Bethe tables: U and U' between strong and weak beams, 2·n·n_w complex per frame, and
+  ``bethe_terms`` n² correction matrices.
+
+The coefficients were measured with XLA's own buffer assignment of the compiled chunk
+(``compiled.memory_analysis()``; ``tests/test_planner.py`` checks the model against it) and the
+whole-process peak against ``benchmarks/large.py``.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from edkit.errors import EdkitError
+from edkit.simulate.setup import FrameSetup
+from edkit.simulate.stack import bucket_layout, sub_batch_size
+
+#: n² arrays kept per sub-orientation for the gradient without rematerialisation.
+KEEP = 6.0
+#: n² arrays alive per solve while a batch of frames is being solved.
+WORK = 8.0
+#: Bytes of the process before any data (Python, JAX runtime, compiled code).
+RUNTIME_BYTES = 0.6e9
+#: Fraction of the available memory the default budget takes.
+DEFAULT_FRACTION = 0.7
+
+
+def available_memory() -> float:
+    """Memory this process may use, bytes: MemAvailable, capped by a cgroup limit if any."""
+    available = math.inf
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = float(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+            if text.isdigit():
+                available = min(available, float(text))
+        except OSError:
+            continue
+    if not math.isfinite(available):
+        available = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return available
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The planner's choice and its estimate (bytes).
+
+    Attributes:
+      chunk_frames: frames per streamed chunk. remat: what the backward pass keeps.
+      budget_bytes: the budget planned for. fixed_bytes: the part independent of the chunk
+      size. frame_bytes: working set per frame of the largest bucket (value and gradient).
+      batch_bytes: transient working set of one solved batch. peak_bytes: the estimated
+      whole-process peak of a step. n_chunks: chunks per step. largest: (n, n_w, n_s) of the
+      largest bucket.
+    """
+
+    chunk_frames: int
+    remat: bool | str
+    budget_bytes: float
+    fixed_bytes: float
+    frame_bytes: float
+    batch_bytes: float
+    peak_bytes: float
+    n_chunks: int
+    largest: tuple[int, int, int]
+
+    def describe(self) -> str:
+        """One line for logs and reports."""
+        n, n_w, n_s = self.largest
+        return (
+            f"memory plan: {self.chunk_frames} frame(s) per chunk ({self.n_chunks} chunks), "
+            f"remat={self.remat!r}, estimated peak {self.peak_bytes / 1e9:.2f} GB of a "
+            f"{self.budget_bytes / 1e9:.2f} GB budget (largest frame {n} beams + {n_w} Bethe, "
+            f"{n_s} sub-orientations: {self.frame_bytes / 1e6:.0f} MB)"
+        )
+
+
+def element_bytes(real: bool, single: bool) -> int:
+    """Bytes of one matrix element of the Bloch solves."""
+    return (4 if single else 8) * (1 if real else 2)
+
+
+def frame_bytes(
+    n: int,
+    n_w: int,
+    n_sub: int,
+    n_t: int,
+    *,
+    real: bool,
+    single: bool,
+    remat: bool | str,
+    bethe_terms: int | None,
+    sub_batch: int | None,
+) -> tuple[float, float]:
+    """(kept, transient) bytes of one frame's value and gradient (see the module docstring)."""
+    e = element_bytes(real, single)
+    complex_bytes = 16
+    bethe = 2.0 * n * n_w * complex_bytes * 3 + (bethe_terms or 0) * n * n * e * 2
+    per_solve = n * n + n * n_t
+    if sub_batch is not None:  # sub-orientation chunks keep only their eigensystems
+        kept = n_sub * (n * n + n) * e
+        transient = sub_batch * WORK * per_solve * e
+    elif remat is True:
+        kept = 0.0
+        transient = n_sub * (KEEP + WORK) * per_solve * e
+    elif remat == "eigensystems":
+        kept = n_sub * (n * n + n) * e
+        transient = n_sub * WORK * per_solve * e
+    else:
+        kept = n_sub * KEEP * per_solve * e
+        transient = n_sub * WORK * per_solve * e
+    return kept + bethe, transient
+
+
+def setup_bytes(setup: FrameSetup) -> float:
+    """Host and device copies of the set-up's beam tables and the F-sized arrays."""
+    tables = setup.coupling.nbytes + setup.hkl.nbytes
+    if setup.coupling_out is not None:
+        tables += setup.coupling_out.nbytes + setup.coupling_in.nbytes
+    f_arrays = setup.differences.shape[0] * (16 * 8 + 24)  # F, its cotangents, tangents, hkl
+    return 2.0 * tables + f_arrays
+
+
+def plan_memory(
+    setup: FrameSetup,
+    *,
+    n_t: int = 2,
+    precision: str = "double",
+    remat: bool | str | None = None,
+    chunk_frames: int | None = None,
+    batch_size: int = 8,
+    memory_limit: float | None = None,
+    n_parameters: int = 0,
+) -> MemoryPlan:
+    """Choose frames per chunk (and ``remat`` when None) so that a step fits the budget.
+
+    Args:
+      setup: the frame set-up (beam counts per bucket).
+      n_t: thickness nodes per frame.
+      precision: "double" or "single" solves.
+      remat, chunk_frames: fixed choices, or None to choose.
+      batch_size: frames vectorised together.
+      memory_limit: the budget, bytes; None: ``DEFAULT_FRACTION`` of :func:`available_memory`.
+      n_parameters: size of the LM normal matrix side (its n_par² is negligible otherwise).
+
+    Raises:
+      EdkitError: one frame alone does not fit, naming the bytes needed and what to change.
+    """
+    budget = float(memory_limit) if memory_limit else DEFAULT_FRACTION * available_memory()
+    real = bool(setup.settings.get("centric", False))
+    single = precision == "single"
+    n_sub = int(setup.angles.shape[1])
+    bethe_terms = setup.settings.get("bethe_terms")
+    fixed = RUNTIME_BYTES + setup_bytes(setup) + 8.0 * n_parameters**2
+    layout = bucket_layout(setup)
+    largest = max(layout, key=lambda b: b[1] * b[1] + 2 * b[1] * (b[2] or 0))
+    _, n, n_w = largest
+    n_w = int(n_w or 0)
+
+    def per_frame(choice: bool | str, frames: int) -> tuple[float, float]:
+        sub_batch = sub_batch_size(frames, n, n_sub, batch_size)
+        kept, transient = frame_bytes(
+            n, n_w, n_sub, n_t, real=real, single=single, remat=choice,
+            bethe_terms=bethe_terms, sub_batch=sub_batch,
+        )  # fmt: skip
+        return kept, transient * min(batch_size, frames)
+
+    choices = [remat] if remat is not None else [False, "eigensystems", True]
+    n_frames = setup.n_frames
+    best = None
+    for choice in choices:
+        if chunk_frames is not None:
+            kept, batch = per_frame(choice, chunk_frames)
+            c = chunk_frames
+        else:
+            c = 0
+            for candidate in sorted({1, 2, 4, 8, 16, 32, min(64, n_frames)}):
+                if candidate > n_frames:
+                    break
+                kept, batch = per_frame(choice, candidate)
+                if fixed + candidate * kept + batch <= budget:
+                    c = candidate
+            if c == 0:  # not even one frame fits: remember the leanest choice for the message
+                kept, batch = per_frame(choice, 1)
+                best = (choice, 1, kept, batch)
+                continue
+            kept, batch = per_frame(choice, c)
+        best = (choice, c, kept, batch)
+        if fixed + c * kept + batch <= budget or remat is not None:
+            break
+    assert best is not None
+    choice, c, kept, batch = best
+    peak = fixed + c * kept + batch
+    n_chunks = sum(-(-len(frames) // c) for frames, _, _ in layout)
+    plan = MemoryPlan(
+        chunk_frames=int(c), remat=choice, budget_bytes=budget, fixed_bytes=fixed,
+        frame_bytes=kept + batch / max(1, min(batch_size, c)), batch_bytes=batch,
+        peak_bytes=peak, n_chunks=int(n_chunks), largest=(int(n), n_w, n_sub),
+    )  # fmt: skip
+    if peak > budget:
+        raise EdkitError(
+            f"a refinement step needs about {peak / 1e9:.2f} GB (one frame of {n} beams + "
+            f"{n_w} Bethe beams × {n_sub} sub-orientations: {(kept + batch) / 1e9:.2f} GB; "
+            f"fixed {fixed / 1e9:.2f} GB) but the memory budget is {budget / 1e9:.2f} GB. "
+            "Lower g_max, sg_max or sg_weak (fewer beams), use precision='single', or raise "
+            "memory_limit"
+        )
+    return plan
+
+
+def chunk_sizes(setup: FrameSetup, chunk_frames: int) -> np.ndarray:
+    """Frames in each chunk of the streamed step."""
+    return np.array(
+        [len(part) for frames, _, _ in bucket_layout(setup)
+         for part in np.array_split(frames, -(-len(frames) // chunk_frames))]
+    )  # fmt: skip

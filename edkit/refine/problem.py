@@ -1,0 +1,163 @@
+"""``Problem``: everything fixed during a refinement, as a pytree with static sizes.
+
+Built once from (crystal, dataset, options): the frame set-up cut into chunks of frames (each a
+:class:`Chunk` of device arrays: the frames' beam tables and geometry, and the observed
+reflections of exactly those frames), the structure tables, the frames' features for the
+thickness model, the data-only denominators of the losses, and the static choices (the frame
+stack's :class:`~edkit.simulate.stack.StackConfig`, the objective, the optimiser). Every loss
+edkit offers is a sum over frames, so a chunk's contribution and its gradient are exact partial
+sums (``edkit.refine.core``).
+"""
+
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from edkit import metrics
+from edkit.models.parameters import StructureMapping
+from edkit.models.thickness import FrameFeatures
+from edkit.physics.structure import StructureTables
+from edkit.simulate.setup import FrameSetup
+from edkit.simulate.stack import FrameArrays, StackConfig, chunk_layout, frame_arrays
+
+
+class Chunk(NamedTuple):
+    """c frames of one beam-count bucket and their r observed, simulated reflections.
+
+    Attributes:
+      frames: frame positions (0-based, into the dataset's frames), int, (c,).
+      arrays: the frames' beam tables and geometry, padded to the bucket's sizes.
+      refl_index: each reflection's position in the dataset, int, (r,).
+      refl_frame: its frame's position within the chunk (0 … c−1), int, (r,).
+      refl_beam: its position in that frame's beam list, int, (r,).
+      i_obs, sigma: observed intensity and σ(I), (r,).
+      train, validation: scored reflections of training and of held-out frames, bool, (r,).
+    """
+
+    frames: Any
+    arrays: FrameArrays
+    refl_index: Any
+    refl_frame: Any
+    refl_beam: Any
+    i_obs: Any
+    sigma: Any
+    train: Any
+    validation: Any
+
+
+@struct.dataclass
+class Problem:
+    """The fixed data of a refinement (a pytree; the static fields are hashed by identity).
+
+    Attributes (leaves):
+      chunks: the frames in chunks, each a :class:`Chunk`.
+      differences: every hkl difference of the set-up, int, (m, 3).
+      tables: the crystal's structure tables.
+      features: per-frame inputs of the thickness model.
+    Static:
+      mapping: structure coefficients → structure. graphdef: the model's NNX graph.
+      optimizer: the optax transformation. config: the frame stack's static choices.
+      objective: "jana" or "wr2". real_potential: solve with real potentials (centric crystal).
+      n_frames, n_refl: dataset sizes. train_denominator, validation_denominator: the data-only
+      normalisers of the loss (Σ w F_o² for "jana"; the number of frames with a scored
+      reflection for "wr2").
+    """
+
+    chunks: tuple[Chunk, ...]
+    differences: Any
+    tables: StructureTables
+    features: FrameFeatures
+    mapping: StructureMapping = struct.field(pytree_node=False)
+    graphdef: Any = struct.field(pytree_node=False)
+    optimizer: optax.GradientTransformation = struct.field(pytree_node=False)
+    config: StackConfig = struct.field(pytree_node=False)
+    objective: str = struct.field(pytree_node=False, default="jana")
+    real_potential: bool = struct.field(pytree_node=False, default=False)
+    n_frames: int = struct.field(pytree_node=False, default=0)
+    n_refl: int = struct.field(pytree_node=False, default=0)
+    train_denominator: float = struct.field(pytree_node=False, default=1.0)
+    validation_denominator: float = struct.field(pytree_node=False, default=1.0)
+
+    @property
+    def chunk_shapes(self) -> list[tuple[int, int]]:
+        """(frames, beams) of each chunk."""
+        return [tuple(chunk.arrays.hkl.shape[:2]) for chunk in self.chunks]
+
+
+def loss_denominator(
+    objective: str, i_obs: np.ndarray, sigma: np.ndarray, mask: np.ndarray, frames: np.ndarray
+) -> float:
+    """The data-only normaliser of the loss over ``mask`` (see :class:`Problem`)."""
+    if objective == "wr2":
+        return float(max(len(np.unique(frames[mask & (i_obs != 0)])), 1))
+    w = metrics._jana_weights_np(i_obs[mask], sigma[mask])
+    return float(np.sum(w * np.maximum(i_obs[mask], 0.0)))
+
+
+def build_problem(
+    setup: FrameSetup,
+    i_obs: np.ndarray,
+    sigma: np.ndarray,
+    train_mask: np.ndarray,
+    validation_mask: np.ndarray,
+    *,
+    tables: StructureTables,
+    features: FrameFeatures,
+    mapping: StructureMapping,
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    config: StackConfig,
+    objective: str,
+    chunk_frames: int,
+) -> Problem:
+    """Cut ``setup`` into chunks of at most ``chunk_frames`` frames and gather their data.
+
+    Args:
+      setup: the frame set-up.
+      i_obs, sigma: every reflection of the dataset, (n_refl,).
+      train_mask, validation_mask: scored reflections used for the loss and held out, (n_refl,).
+      tables, features, mapping, graphdef, optimizer, config, objective: see :class:`Problem`.
+      chunk_frames: frames per chunk (the memory planner's choice).
+    """
+    simulated = setup.refl_beam >= 0
+    chunks = []
+    for frames, size, n_w in chunk_layout(setup, chunk_frames):
+        local = np.full(setup.n_frames, -1)
+        local[frames] = np.arange(len(frames))
+        refl = np.nonzero(simulated & (local[setup.refl_frame] >= 0))[0]
+        chunks.append(
+            Chunk(
+                frames=jnp.asarray(frames),
+                arrays=FrameArrays(*(None if a is None else jnp.asarray(a)
+                                     for a in frame_arrays(setup, frames, size, n_w))),
+                refl_index=jnp.asarray(refl),
+                refl_frame=jnp.asarray(local[setup.refl_frame[refl]]),
+                refl_beam=jnp.asarray(setup.refl_beam[refl]),
+                i_obs=jnp.asarray(i_obs[refl]),
+                sigma=jnp.asarray(np.where(sigma[refl] > 0, sigma[refl], 1.0)),
+                train=jnp.asarray(train_mask[refl]),
+                validation=jnp.asarray(validation_mask[refl]),
+            )
+        )  # fmt: skip
+    frames_of = setup.refl_frame
+    return Problem(
+        chunks=tuple(chunks),
+        differences=jnp.asarray(setup.differences),
+        tables=StructureTables(*(jnp.asarray(t) for t in tables)),
+        features=features,
+        mapping=mapping,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        config=config,
+        objective=objective,
+        real_potential=bool(setup.settings.get("centric", False)),
+        n_frames=setup.n_frames,
+        n_refl=len(i_obs),
+        train_denominator=loss_denominator(objective, i_obs, sigma, train_mask, frames_of),
+        validation_denominator=loss_denominator(
+            objective, i_obs, sigma, validation_mask, frames_of
+        ),
+    )

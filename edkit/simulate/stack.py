@@ -1,0 +1,461 @@
+"""The differentiable frame stack: rocking-curve intensities of groups of frames.
+
+:func:`stack_frames` is the one kernel: for a group of frames padded to one beam count
+(:class:`FrameArrays`, sliced from a :class:`~edkit.simulate.setup.FrameSetup`) and the
+structure's potentials (:class:`Potentials`), it maps the frames sequentially (``lax.map``), each
+frame integrating its rocking curve over its sub-orientations. :func:`frame_intensity_stack`
+runs it over every beam-count bucket of a setup; the refinement core runs it chunk by chunk of
+frames so that memory is that of one chunk (``edkit.refine.core``).
+"""
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from edkit.constants import electron_wavelength, potential_prefactor
+from edkit.errors import EdkitError
+from edkit.physics import bloch
+from edkit.physics.orientation import rotation_x, rotation_y, rotation_z
+from edkit.physics.rocking import LAB_BEAM, WeakBeams, frame_intensities
+from edkit.physics.structure import StructureParams, StructureTables, structure_factors_of
+from edkit.simulate.pattern import mean_inner_potential
+from edkit.simulate.setup import FrameSetup
+
+Remat = bool | Literal["eigensystems"]
+
+#: Bound on batch × sub-orientations × n² of the solves held at once (about 8 MB per complex
+#: working array): larger frames solve their sub-orientations in chunks (``sub_batch``).
+WORKING_ELEMENTS = 2**19
+
+
+def small_rotation(angles: jax.Array) -> jax.Array:
+    """R_z(γ) R_y(β) R_x(α) for three small correction angles (α, β, γ), radians, (3, 3)."""
+    return rotation_z(angles[2]) @ rotation_y(angles[1]) @ rotation_x(angles[0])
+
+
+class Potentials(NamedTuple):
+    """What every frame of a crystal shares (arrays; differentiable).
+
+    Attributes:
+      f_values: F(h) of every hkl difference of the setup (``setup.differences``), Å⁻², (m,);
+        real for centrosymmetric crystals solved with real potentials.
+      wave_number: |K| inside the crystal, Å⁻¹, ().
+      kappa: κ of the proportional absorption model U' = κU (0 without absorption), ().
+    """
+
+    f_values: jax.Array
+    wave_number: jax.Array
+    kappa: jax.Array
+
+
+class StackConfig(NamedTuple):
+    """Static choices of a frame stack (hashable: a ``jax.jit`` static argument).
+
+    Attributes:
+      voltage: V. absorbing: κ is used. absorption_method: see ``bloch.bloch_intensities``.
+      solve_dtype: complex dtype of the solves as a string ("complex64") or None (complex128
+      under x64). bethe_terms: Chebyshev terms of the shared Bethe correction or None.
+      batch_size: frames vectorised together inside the sequential map. remat: see
+      :func:`frame_intensity_stack`. devices: shard the frames over this many devices.
+    """
+
+    voltage: float
+    absorbing: bool = False
+    absorption_method: bloch.AbsorptionMethod = "eig"
+    solve_dtype: str | None = None
+    bethe_terms: int | None = None
+    batch_size: int = 8
+    remat: Remat = False
+    devices: int = 1
+
+
+class FrameArrays(NamedTuple):
+    """A group of frames padded to one beam count n (and n_w weak beams), c frames.
+
+    Attributes: rotations (c, 3, 3); angles, weights (c, n_s); hkl (c, n, 3) int; valid (c, n);
+    coupling (c, n, n) int32 indices into ``setup.differences``; weak_hkl (c, n_w, 3),
+    weak_valid (c, n_w), coupling_out (c, n, n_w), coupling_in (c, n_w, n), or None without
+    Bethe beams. See :class:`~edkit.simulate.setup.FrameSetup` for their meaning.
+    """
+
+    rotations: Any
+    angles: Any
+    weights: Any
+    hkl: Any
+    valid: Any
+    coupling: Any
+    weak_hkl: Any = None
+    weak_valid: Any = None
+    coupling_out: Any = None
+    coupling_in: Any = None
+
+
+def frame_arrays(
+    setup: FrameSetup, frames: np.ndarray, size: int, weak_size: int | None
+) -> FrameArrays:
+    """The frames ``frames`` (positions) of ``setup`` as numpy arrays padded to ``size`` beams
+    (and ``weak_size`` weak beams)."""
+    frames = np.asarray(frames)
+    arrays = FrameArrays(
+        setup.rotations[frames],
+        setup.angles[frames],
+        setup.weights[frames],
+        setup.hkl[frames, :size],
+        setup.valid[frames, :size],
+        setup.coupling[frames, :size, :size],
+    )
+    if setup.weak_hkl is None or weak_size is None:
+        return arrays
+    return arrays._replace(
+        weak_hkl=setup.weak_hkl[frames, :weak_size],
+        weak_valid=setup.weak_valid[frames, :weak_size],
+        coupling_out=setup.coupling_out[frames, :size, :weak_size],
+        coupling_in=setup.coupling_in[frames, :weak_size, :size],
+    )
+
+
+def potentials(
+    params: StructureParams,
+    tables: StructureTables,
+    differences: np.ndarray,
+    voltage: float,
+    absorption: float | jax.Array | None = None,
+    real_potential: bool = False,
+) -> Potentials:
+    """F of every hkl difference, |K| and κ (see :class:`Potentials`); differentiable."""
+    f_all = structure_factors_of(params, tables, differences)
+    if real_potential:
+        f_all = jnp.real(f_all)  # imaginary parts are rounding (~1e-16 relative) here
+    u0 = mean_inner_potential(params, tables, voltage)
+    k_mag = jnp.sqrt(1.0 / electron_wavelength(voltage) ** 2 + u0)
+    kappa = jnp.asarray(0.0 if absorption is None else absorption)
+    return Potentials(f_all, k_mag, kappa)
+
+
+def sub_batch_size(n_frames: int, size: int, n_sub: int, batch_size: int) -> int | None:
+    """Sub-orientations solved at once for frames of ``size`` beams (None: all of them)."""
+    per_sub = min(batch_size, n_frames) * size * size  # elements per sub-orientation
+    return None if per_sub * n_sub <= WORKING_ELEMENTS else max(1, WORKING_ELEMENTS // per_sub)
+
+
+def stack_frames(
+    pot: Potentials,
+    reciprocal: jax.Array,
+    arrays: FrameArrays,
+    thickness: jax.Array,
+    corrections: jax.Array,
+    config: StackConfig,
+) -> jax.Array:
+    """Rocking-curve intensities of a group of frames at each of their thicknesses.
+
+    Args:
+      pot: the crystal's potentials.
+      reciprocal: rows a*, b*, c*, Cartesian, Å⁻¹, (3, 3).
+      arrays: the frames (c of them, n beams).
+      thickness: Å, (c, n_t).
+      corrections: small lab-frame rotation angles per frame, radians, (c, 3).
+      config: static choices.
+
+    Returns:
+      Intensities, (c, n_t, n); zero on padding beams.
+    """
+    prefactor = potential_prefactor(config.voltage)
+    absorbing, has_weak = config.absorbing, arrays.weak_hkl is not None
+    solve_dtype = None if config.solve_dtype is None else jnp.dtype(config.solve_dtype)
+    reciprocal = jnp.asarray(reciprocal)
+
+    def one_frame(inputs, shared, sub_batch):
+        rotation, angles, weights, hkl, valid, coupling, t, correction = inputs[:8]
+        f_values, wave_number, kappa = shared
+        rotation = small_rotation(correction) @ rotation
+        k_hats = jax.vmap(lambda phi: (rotation_x(phi) @ rotation).T @ jnp.asarray(LAB_BEAM))(
+            angles
+        )
+        potential = prefactor * f_values[coupling]
+        absorptive = kappa * potential if absorbing else None
+        g_cart = hkl.astype(reciprocal.dtype) @ reciprocal
+        weak = None
+        if has_weak:
+            weak_hkl, weak_valid, coupling_out, coupling_in = inputs[8:]
+            potential_out = prefactor * f_values[coupling_out]
+            potential_in = prefactor * f_values[coupling_in]
+            weak = WeakBeams(
+                weak_hkl.astype(reciprocal.dtype) @ reciprocal,
+                weak_valid,
+                potential_out,
+                potential_in,
+                kappa * potential_out if absorbing else None,
+                kappa * potential_in if absorbing else None,
+            )
+        return frame_intensities(
+            k_hats, weights, g_cart, valid, potential, wave_number, t, absorptive,
+            config.absorption_method, solve_dtype, weak, config.bethe_terms, sub_batch,
+        )  # fmt: skip
+
+    if config.remat not in (False, True, "eigensystems"):
+        raise EdkitError(f"remat = {config.remat!r}: expected True, False or 'eigensystems'")
+    frame_function = one_frame
+    if config.remat:
+        policy = bloch.KEEP_EIGENSYSTEMS if config.remat == "eigensystems" else None
+        frame_function = jax.checkpoint(one_frame, policy=policy, static_argnums=(2,))
+
+    n_frames, size = arrays.hkl.shape[0], arrays.hkl.shape[1]
+    sub_batch = sub_batch_size(n_frames, size, arrays.angles.shape[1], config.batch_size)
+
+    def map_frames(shared, *inputs):
+        return jax.lax.map(
+            lambda x: frame_function(x, shared, sub_batch), inputs, batch_size=config.batch_size
+        )
+
+    inputs = (*arrays[:6], thickness, corrections)
+    if has_weak:
+        inputs = (*inputs, *arrays[6:])
+    inputs = tuple(jnp.asarray(x) for x in inputs)
+    if config.devices > 1:
+        return _sharded(map_frames, tuple(pot), inputs, config.devices)
+    return map_frames(tuple(pot), *inputs)
+
+
+def frame_intensity_stack(
+    params: StructureParams,
+    tables: StructureTables,
+    setup: FrameSetup,
+    thickness: jax.Array,
+    *,
+    orientation_corrections: jax.Array | None = None,
+    absorption: float | jax.Array | None = None,
+    absorption_method: bloch.AbsorptionMethod = "eig",
+    batch_size: int = 8,
+    solve_dtype: Any = None,
+    devices: int = 1,
+    remat: Remat = False,
+    real_potential: bool | None = None,
+) -> jax.Array:
+    """Rocking-curve intensities of every frame for each of its thicknesses.
+
+    Differentiable in ``params``, ``thickness``, ``orientation_corrections`` and ``absorption``.
+    Call inside ``jax.enable_x64(True)`` for float64. Every bucket of frames (one padded beam
+    count) runs through :func:`stack_frames` at its own size.
+
+    Args:
+      params: the structure.
+      tables: ``structure_tables(crystal)``.
+      setup: ``build_frame_setup(crystal, dataset)``.
+      thickness: Å, (n_f, n_t): the thicknesses at which each frame is evaluated.
+      orientation_corrections: small lab-frame rotation angles per frame, radians, (n_f, 3).
+      absorption: κ of the proportional model U' = κU, or None.
+      absorption_method: see :func:`edkit.physics.bloch.bloch_intensities`.
+      batch_size: frames evaluated together (vectorised) inside the sequential map.
+      solve_dtype: complex dtype of the Bloch solves (``jnp.complex64`` trades ~1e-5 relative
+        intensity accuracy for speed); None keeps complex128 under x64.
+      devices: shard the frames of each bucket over this many devices (``jax.shard_map``;
+        on CPU set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts).
+      remat: what the backward pass keeps of each frame's forward pass. False: everything
+        (fastest, memory grows with frames × sub-orientations × n²·several). True: nothing, it
+        recomputes the frame (``jax.checkpoint``; the least memory, about one more forward
+        pass). "eigensystems": only the eigendecompositions (n² + n per solve), recomputing the
+        cheap rest: nearly the speed of False at a fraction of its memory.
+      real_potential: solve with real potentials (real symmetric matrices without absorption:
+        2–2.5× cheaper solves, ``benchmarks/kernel.py --real``). None: when the setup's crystal
+        has the inversion through the origin, where F(h) is real (``setup.settings["centric"]``,
+        from :func:`edkit.physics.structure.centric_at_origin`).
+
+    Returns:
+      Intensities, (n_f, n_t, n); zero on padding beams.
+    """
+    if real_potential is None:
+        real_potential = bool(setup.settings.get("centric", False))
+    pot = potentials(
+        params, tables, setup.differences, setup.voltage, absorption, bool(real_potential)
+    )
+    config = stack_config(
+        setup, absorption is not None, absorption_method, solve_dtype, batch_size, remat, devices
+    )
+    n_frames = setup.n_frames
+    if orientation_corrections is None:
+        orientation_corrections = jnp.zeros((n_frames, 3))
+    thickness = jnp.asarray(thickness)
+    outputs = []
+    for frames, size, n_w in bucket_layout(setup):
+        # Setup arrays are sliced and trimmed in numpy: only the bucket's own part becomes a
+        # compile-time constant (not every frame padded to the largest size).
+        out = stack_frames(
+            pot,
+            tables.reciprocal_basis,
+            frame_arrays(setup, frames, size, n_w),
+            thickness[frames],
+            jnp.asarray(orientation_corrections)[frames],
+            config,
+        )
+        outputs.append(jnp.pad(out, ((0, 0), (0, 0), (0, setup.hkl.shape[1] - size))))
+    order = np.argsort(np.concatenate([frames for frames, _, _ in bucket_layout(setup)]))
+    return jnp.concatenate(outputs, axis=0)[order]
+
+
+def bucket_layout(setup: FrameSetup) -> list[tuple[np.ndarray, int, int | None]]:
+    """(frame positions, padded beam count, padded weak-beam count) of each bucket."""
+    buckets = setup.buckets or (np.arange(setup.n_frames),)
+    sizes = setup.bucket_sizes or (setup.hkl.shape[1],)
+    weak_sizes = setup.weak_sizes or (None,) * len(sizes)
+    return list(zip(buckets, sizes, weak_sizes, strict=True))
+
+
+def stack_config(
+    setup: FrameSetup,
+    absorbing: bool,
+    absorption_method: bloch.AbsorptionMethod = "eig",
+    solve_dtype: Any = None,
+    batch_size: int = 8,
+    remat: Remat = False,
+    devices: int = 1,
+) -> StackConfig:
+    """The :class:`StackConfig` of ``setup`` with these choices."""
+    return StackConfig(
+        voltage=float(setup.voltage),
+        absorbing=bool(absorbing),
+        absorption_method=absorption_method,
+        solve_dtype=None if solve_dtype is None else jnp.dtype(solve_dtype).name,
+        bethe_terms=setup.settings.get("bethe_terms"),
+        batch_size=int(batch_size),
+        remat=remat,
+        devices=int(devices),
+    )
+
+
+def _sharded(map_frames: Callable, shared: tuple, inputs: tuple, devices: int) -> jax.Array:
+    """Run ``map_frames`` with the frames split over ``devices`` devices (results identical to
+    the single-device map: the same per-frame program runs on each shard).
+
+    ``jax.devices()`` is the global device list, so after ``jax.distributed.initialize`` on every
+    host the same call spans hosts (multi-controller; see the README, untested here)."""
+    available = jax.devices()
+    if devices > len(available):
+        raise EdkitError(
+            f"devices = {devices}, but JAX sees {len(available)}; on CPU start with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}"
+        )
+    n = inputs[0].shape[0]
+    pad = (-n) % devices  # shards must be equal: repeat the last frame, drop it afterwards
+    if pad:
+        inputs = tuple(jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) for x in inputs)
+    mesh = Mesh(np.array(available[:devices]), ("frames",))
+    sharded = jax.shard_map(
+        map_frames,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), *(PartitionSpec("frames") for _ in inputs)),
+        out_specs=PartitionSpec("frames"),
+    )
+    return sharded(shared, *inputs)[:n]
+
+
+#: One compiled kernel per (chunk shape, config), shared by every caller: the set-up's arrays are
+#: arguments, not compile-time constants, so other datasets of the same shapes reuse the code.
+stack_frames_jit = jax.jit(stack_frames, static_argnums=(5,))
+potentials_jit = jax.jit(potentials, static_argnums=(3, 5))
+
+
+def chunk_layout(setup: FrameSetup, chunk_frames: int) -> list[tuple[np.ndarray, int, int | None]]:
+    """Frames in chunks of at most ``chunk_frames`` (balanced within each bucket, so a bucket's
+    chunks differ in length by at most one frame and need at most two compiled shapes)."""
+    chunks = []
+    for frames, size, n_w in bucket_layout(setup):
+        n_chunks = -(-len(frames) // max(1, chunk_frames))
+        chunks += [(part, size, n_w) for part in np.array_split(frames, n_chunks)]
+    return chunks
+
+
+def stream_frames(
+    params: StructureParams,
+    tables: StructureTables,
+    setup: FrameSetup,
+    thickness: np.ndarray,
+    *,
+    absorption: float | None = None,
+    absorption_method: bloch.AbsorptionMethod = "eig",
+    chunk_frames: int = 8,
+    reduce: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Forward-only :func:`frame_intensity_stack`, streamed chunk by chunk of frames.
+
+    Memory is that of one chunk of ``chunk_frames`` frames (plus the result); the kernel is
+    compiled once per chunk shape and shared by every call. Call inside ``jax.enable_x64(True)``.
+
+    Args:
+      params, tables, setup, absorption, absorption_method: as for
+        :func:`frame_intensity_stack`.
+      thickness: Å, (n_f, n_t).
+      chunk_frames: frames per chunk.
+      reduce: ``reduce(frames, stack)`` maps each chunk's (c, n_t, n) intensities to a smaller
+        per-frame result (c, ...) kept instead of the stack (e.g. reflections only).
+
+    Returns:
+      (n_f, n_t, n) intensities (zero on padding beams), or the stacked ``reduce`` results.
+    """
+    real = bool(setup.settings.get("centric", False))
+    kappa = None if absorption is None else float(absorption)
+    pot = potentials_jit(params, tables, setup.differences, float(setup.voltage), kappa, real)
+    config = stack_config(setup, absorption is not None, absorption_method)
+    thickness = np.asarray(thickness)
+    zeros = np.zeros((setup.n_frames, 3))
+    parts, order = [], []
+    for frames, size, n_w in chunk_layout(setup, chunk_frames):
+        out = stack_frames_jit(
+            pot,
+            tables.reciprocal_basis,
+            frame_arrays(setup, frames, size, n_w),
+            thickness[frames],
+            zeros[frames],
+            config,
+        )
+        out = np.asarray(out)
+        if reduce is None:
+            out = np.pad(out, ((0, 0), (0, 0), (0, setup.hkl.shape[1] - size)))
+        else:
+            out = reduce(frames, out)
+        parts.append(out)
+        order.append(frames)
+    result = np.concatenate(parts, axis=0)
+    return result[np.argsort(np.concatenate(order))]
+
+
+def reflection_intensities(setup: FrameSetup, frame_stack: jax.Array) -> jax.Array:
+    """Each observed reflection's intensity from (n_f, n) frame intensities; 0 if unsimulated."""
+    beam = jnp.maximum(jnp.asarray(setup.refl_beam), 0)
+    values = frame_stack[jnp.asarray(setup.refl_frame), beam]
+    return jnp.where(jnp.asarray(setup.refl_beam) >= 0, values, 0.0)
+
+
+def thickness_nodes(thickness: Any, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise a thickness specification to per-frame nodes and weights, each (n_f, n_t).
+
+    Accepts a scalar (Å), a per-frame array (n_f,), or a distribution ``(values, weights)`` with
+    values (n_f, n_t) or (n_t,) and matching weights (normalised per frame).
+    """
+    if isinstance(thickness, tuple) and len(thickness) == 2:
+        values = np.asarray(thickness[0], dtype=float)
+        weights = np.asarray(thickness[1], dtype=float)
+        values = np.broadcast_to(np.atleast_2d(values), (n_frames, np.atleast_2d(values).shape[-1]))
+        weights = np.broadcast_to(np.atleast_2d(weights), values.shape)
+    else:
+        values = np.asarray(thickness, dtype=float)
+        if values.ndim == 0:
+            values = np.full((n_frames, 1), float(values))
+        elif values.shape == (n_frames,):
+            values = values[:, None]
+        else:
+            raise EdkitError(
+                f"thickness of shape {values.shape}: expected a scalar, one value per frame "
+                f"({n_frames},), or a (values, weights) distribution"
+            )
+        weights = np.ones_like(values)
+    if not (np.all(np.isfinite(values)) and np.all(values >= 0)):
+        raise EdkitError("thickness: expected finite values ≥ 0 Å")
+    if not (np.all(np.isfinite(weights)) and np.all(weights >= 0)) or np.any(weights.sum(1) <= 0):
+        raise EdkitError(
+            "thickness weights: expected finite values ≥ 0 with a positive sum per frame"
+        )
+    return np.ascontiguousarray(values), weights / weights.sum(axis=1, keepdims=True)
