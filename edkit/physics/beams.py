@@ -6,6 +6,8 @@ before any tracing; the differentiable quantities (S_g, F) are then evaluated on
 
 import numpy as np
 
+from edkit.physics.bloch import excitation_errors
+
 #: Default resolution limit of the beam sets, Å⁻¹, for single patterns and frames alike. It lives
 #: here, below both: the frame modules import edkit.simulate.pattern, so it cannot import them.
 DEFAULT_G_MAX = 1.6  # Å⁻¹
@@ -33,9 +35,9 @@ def reflections_within(reciprocal_basis: np.ndarray, g_max: float) -> np.ndarray
     return hkl[order]
 
 
-def excitation_errors_np(g_cart: np.ndarray, k_hat: np.ndarray, k_mag: float) -> np.ndarray:
-    """Excitation errors S_g in Å⁻¹ (numpy twin of ``bloch.excitation_errors``), shape (n,)."""
-    return -(g_cart @ k_hat) - np.sum(g_cart * g_cart, axis=-1) / (2.0 * k_mag)
+#: Excitation errors S_g in Å⁻¹, numpy in and out: :func:`edkit.physics.bloch.excitation_errors`
+#: itself (one definition), under the name the frame set-up imports.
+excitation_errors_np = excitation_errors
 
 
 def select_beams(

@@ -27,6 +27,9 @@ KEEP_EIGENSYSTEMS = jax.checkpoint_policies.save_only_these_names(EIGENSYSTEM)
 def excitation_errors(g: jax.Array, k_hat: jax.Array, k_mag: float | jax.Array) -> jax.Array:
     """Excitation errors S_g = (K² − |K + g|²)/(2K) in Å⁻¹, positive inside the Ewald sphere.
 
+    The one definition, for JAX and numpy alike: numpy inputs give a float64 numpy result (the
+    beam selection of :mod:`edkit.physics.beams`), JAX inputs a traceable JAX array.
+
     Args:
       g: reciprocal-lattice vectors (Cartesian, same frame as ``k_hat``), Å⁻¹, shape (n, 3).
       k_hat: unit vector along the incident wave vector (the electrons' direction), shape (3,).
@@ -35,7 +38,7 @@ def excitation_errors(g: jax.Array, k_hat: jax.Array, k_mag: float | jax.Array) 
     Returns:
       S_g, shape (n,).
     """
-    return -(g @ k_hat) - jnp.sum(g * g, axis=-1) / (2.0 * k_mag)
+    return -(g @ k_hat) - (g * g).sum(axis=-1) / (2.0 * k_mag)
 
 
 def metric_factors(g_normal: jax.Array, k_mag: float | jax.Array) -> jax.Array:

@@ -18,57 +18,59 @@ Conventions:
   * Rotations are active and right-handed; angles in radians here (the io layer converts).
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
+from edkit.crystal import cell_basis_rows
 
-def _rotation(angle: jax.Array, i: int, j: int) -> jax.Array:
+
+def _rotation(angle: Any, i: int, j: int, xp: Any) -> Any:
     """Active rotation by ``angle`` (rad) in the (i, j) plane, i → j, shape (3, 3)."""
-    angle = jnp.asarray(angle)
-    c, s = jnp.cos(angle), jnp.sin(angle)
-    one, zero = jnp.ones_like(c), jnp.zeros_like(c)
+    angle = xp.asarray(angle)
+    c, s = xp.cos(angle), xp.sin(angle)
+    one, zero = xp.ones_like(c), xp.zeros_like(c)
     m = [[one, zero, zero], [zero, one, zero], [zero, zero, one]]
     m[i][i], m[i][j], m[j][i], m[j][j] = c, -s, s, c
-    return jnp.stack([jnp.stack(row) for row in m])
+    return xp.stack([xp.stack(row) for row in m])
 
 
-def rotation_x(angle: jax.Array) -> jax.Array:
-    """Active right-handed rotation about +x by ``angle`` (rad, scalar), shape (3, 3)."""
-    return _rotation(angle, 1, 2)
+def rotation_x(angle: Any, xp: Any = jnp) -> Any:
+    """Active right-handed rotation about +x by ``angle`` (rad, scalar), shape (3, 3).
+
+    ``xp=numpy`` gives a float64 numpy matrix for numpy bookkeeping (no JAX dispatch); the
+    default ``jax.numpy`` is traceable and differentiable. The same holds for ``rotation_y/z``.
+    """
+    return _rotation(angle, 1, 2, xp)
 
 
-def rotation_y(angle: jax.Array) -> jax.Array:
+def rotation_y(angle: Any, xp: Any = jnp) -> Any:
     """Active right-handed rotation about +y by ``angle`` (rad, scalar), shape (3, 3)."""
-    return _rotation(angle, 2, 0)
+    return _rotation(angle, 2, 0, xp)
 
 
-def rotation_z(angle: jax.Array) -> jax.Array:
+def rotation_z(angle: Any, xp: Any = jnp) -> Any:
     """Active right-handed rotation about +z by ``angle`` (rad, scalar), shape (3, 3)."""
-    return _rotation(angle, 0, 1)
+    return _rotation(angle, 0, 1, xp)
 
 
 def real_space_basis(cell: jax.Array) -> jax.Array:
     """Real-space cell vectors as rows, Cartesian crystal frame, Å, shape (3, 3).
 
     a along +x, b in the xy plane (positive y), c with positive z, built from the metric (lengths
-    and angles), so a_i · a_j reproduces the cell's metric tensor exactly.
+    and angles), so a_i · a_j reproduces the cell's metric tensor exactly. The formula is
+    :func:`edkit.crystal.cell_basis_rows`, shared with the validated numpy
+    :func:`edkit.crystal.real_basis_of`; this one is differentiable and does not validate.
 
     Args:
       cell: (a, b, c, α, β, γ), lengths in Å, angles in **degrees** (as in a CIF), shape (6,).
     """
     cell = jnp.asarray(cell)
-    a, b, c = cell[0], cell[1], cell[2]
-    alpha, beta, gamma = jnp.deg2rad(cell[3]), jnp.deg2rad(cell[4]), jnp.deg2rad(cell[5])
-    cos_a, cos_b, cos_g, sin_g = jnp.cos(alpha), jnp.cos(beta), jnp.cos(gamma), jnp.sin(gamma)
-    cy = (cos_a - cos_b * cos_g) / sin_g
-    cz = jnp.sqrt(1.0 - cos_b**2 - cy**2)
-    zero = jnp.zeros_like(a)
-    return jnp.stack(
-        [
-            jnp.stack([a, zero, zero]),
-            jnp.stack([b * cos_g, b * sin_g, zero]),
-            jnp.stack([c * cos_b, c * cy, c * cz]),
-        ]
+    angles = jnp.deg2rad(cell[3:])
+    cosines = jnp.cos(angles)
+    return cell_basis_rows(
+        (cell[0], cell[1], cell[2]), (cosines[0], cosines[1], cosines[2]), jnp.sin(angles[2]), jnp
     )
 
 

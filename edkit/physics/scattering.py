@@ -11,11 +11,11 @@ import functools
 import re
 from importlib import resources
 
-import gemmi
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edkit.crystal import atomic_number as element_number
 from edkit.errors import EdkitError
 
 #: Package-data file holding the table (Z, symbol, a1..a5, b1..b5).
@@ -106,7 +106,7 @@ def lobato_form_factor(a: jax.Array, b: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def atomic_number(symbol: str) -> int:
-    """Atomic number Z of an element symbol, via ``gemmi.Element``.
+    """Atomic number Z of a CIF type symbol: :func:`edkit.crystal.atomic_number` of its element.
 
     Case is ignored ("Si", "SI", "si") and a trailing charge is stripped, as in CIF
     ``_atom_type_symbol`` values ("O2-", "Fe3+", "O-2", "Na+").
@@ -115,16 +115,17 @@ def atomic_number(symbol: str) -> int:
       symbol: element symbol, optionally with a charge.
 
     Returns:
-      Z ≥ 1 (gemmi's periodic table; deuterium "D" gives 1).
+      Z ≥ 1 (deuterium "D" and tritium "T" give 1).
 
     Raises:
       EdkitError: the symbol is not an element (e.g. "Xx", "X", "", "C1").
     """
     match = _TYPE_SYMBOL.match(symbol.strip()) if isinstance(symbol, str) else None
-    z = gemmi.Element(match.group(1)).atomic_number if match else 0
-    if z < 1:
+    element = match.group(1).capitalize() if match else ""  # "SI" → "Si"; "" is no element
+    try:
+        return element_number(element)
+    except EdkitError:
         raise EdkitError(
             f"element symbol {symbol!r} is not a chemical element; "
             "expected e.g. 'Si', 'O2-', 'Fe3+'"
-        )
-    return int(z)
+        ) from None

@@ -1,18 +1,4 @@
-"""A crystal structure: cell, asymmetric unit, space-group expansion, site-symmetry projectors.
-
-Conventions (science.md §3):
-
-- Fractional coordinates x; a space-group operator acts as x' = R x + t (R, t in fractional
-  coordinates, as the CIF symop triplets write them).
-- Crystal-Cartesian axes: a along x, b in the xy plane, right-handed; lengths in Å.
-- Reciprocal vectors in Å⁻¹ WITHOUT 2π: a*·a = 1.
-- ADPs are stored as U^cif (Å², the Uij of a CIF), U* = N U^cif N with N = diag(|a*|, |b*|, |c*|)
-  is the covariance of the fractional displacement, so the Debye–Waller factor is
-  exp(−2π² hᵀU*h) and a symmetry copy carries U*' = R U* Rᵀ. An isotropic atom has U* = Uiso G*.
-
-numpy only: this module is the fixed, validated description a refinement starts from; the JAX
-kernels take its arrays (see :mod:`edkit.physics.structure`).
-"""
+"""The :class:`Crystal` data model: cell, asymmetric unit, expansion, site-symmetry projectors."""
 
 from __future__ import annotations
 
@@ -23,179 +9,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edkit.crystal._cell import adp_matrix, adp_vector, real_basis_of, ueq
+from edkit.crystal._elements import atomic_number
+from edkit.crystal._sites import SITE_TOLERANCE, expand_sites, site_stabilisers, wrap_fractional
 from edkit.errors import EdkitError
-
-SITE_TOLERANCE = 0.02
-"""Å: two symmetry copies closer than this (Cartesian, minimum image) are the same site.
-
-CIFs round special positions (0.3333 for 1/3 is 0.0003·a ≈ 0.0015 Å off for a = 5 Å), so an
-exact comparison would split one site into several; 0.02 Å is far below any real
-interatomic distance (≥ 0.7 Å)."""
 
 RIDING_DISTANCE = 1.3
 """Å: the longest X–H bond :meth:`Crystal.riding_links` accepts by default.
 
 Terminal X–H bonds are 0.8–1.25 Å (X-ray lengths); bridging B–H–B hydrogens (1.3–1.4 Å in
 borane.cif) fall outside on purpose: they have no single parent to ride on."""
-
-# Element symbols by atomic number (IUPAC 2016, Z = 1…118); D and T are hydrogen isotopes.
-ELEMENTS: tuple[str, ...] = tuple(
-    """H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As
-    Se Br Kr Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd
-    Tb Dy Ho Er Tm Yb Lu Hf Ta W Re Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu Am
-    Cm Bk Cf Es Fm Md No Lr Rf Db Sg Bh Hs Mt Ds Rg Cn Nh Fl Mc Lv Ts Og""".split()
-)
-_ATOMIC_NUMBER = {s: z for z, s in enumerate(ELEMENTS, start=1)} | {"D": 1, "T": 1}
-
-# Voigt-like order of the 6-vector of a symmetric 3×3 ADP tensor, as CIF lists U11…U23.
-ADP_INDICES: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
-
-
-def atomic_number(symbol: str) -> int:
-    """Atomic number of an element symbol ("Si" → 14; "D"/"T" → 1). Case-sensitive.
-
-    Raises:
-      EdkitError: ``symbol`` is not an element symbol.
-    """
-    try:
-        return _ATOMIC_NUMBER[symbol]
-    except KeyError:
-        raise EdkitError(
-            f"element {symbol!r} is not an element symbol (expected e.g. 'Si', 'O', 'Fe')"
-        ) from None
-
-
-def adp_vector(u: np.ndarray) -> np.ndarray:
-    """The 6-vectors (U11, U22, U33, U12, U13, U23) of symmetric tensors, (..., 3, 3) → (..., 6)."""
-    u = np.asarray(u)
-    return np.stack([u[..., i, j] for i, j in ADP_INDICES], axis=-1)
-
-
-def adp_matrix(v: np.ndarray) -> np.ndarray:
-    """Symmetric tensors from 6-vectors (U11, U22, U33, U12, U13, U23), (..., 6) → (..., 3, 3)."""
-    v = np.asarray(v, dtype=np.float64)
-    u = np.zeros((*v.shape[:-1], 3, 3))
-    for k, (i, j) in enumerate(ADP_INDICES):
-        u[..., i, j] = v[..., k]
-        u[..., j, i] = v[..., k]
-    return u
-
-
-def _cos_deg(angle: float) -> float:
-    # Exact values for the angles crystal systems fix, so that 90° cells give exact zeros in the
-    # bases instead of 6e-17 (which would show as spurious couplings in printed tensors).
-    exact = {90.0: 0.0, 60.0: 0.5, 120.0: -0.5}
-    return exact.get(float(angle), math.cos(math.radians(angle)))
-
-
-def real_basis_of(cell: Sequence[float]) -> np.ndarray:
-    """Rows a, b, c in crystal-Cartesian axes (a ∥ x, b in xy, right-handed), Å, shape (3, 3).
-
-    Args:
-      cell: (a, b, c, α, β, γ), lengths in Å, angles in degrees.
-
-    Raises:
-      EdkitError: non-positive lengths or angles that do not make a cell of positive volume.
-    """
-    if len(cell) != 6:
-        raise EdkitError(f"cell = {tuple(cell)!r} must have 6 numbers (a, b, c in Å; α, β, γ in °)")
-    a, b, c, alpha, beta, gamma = (float(v) for v in cell)
-    if not all(math.isfinite(v) and v > 0 for v in (a, b, c)):
-        raise EdkitError(f"cell lengths a, b, c = {a}, {b}, {c} must be positive numbers in Å")
-    if not all(math.isfinite(v) and 0 < v < 180 for v in (alpha, beta, gamma)):
-        raise EdkitError(f"cell angles α, β, γ = {alpha}, {beta}, {gamma} must lie in (0°, 180°)")
-    ca, cb, cg = _cos_deg(alpha), _cos_deg(beta), _cos_deg(gamma)
-    sg = math.sin(math.radians(gamma))
-    cy = (ca - cb * cg) / sg
-    cz2 = 1.0 - cb * cb - cy * cy
-    if cz2 <= 1e-12:
-        raise EdkitError(
-            f"cell angles α, β, γ = {alpha}, {beta}, {gamma}° do not make a cell of positive volume"
-        )
-    return np.array(
-        [
-            [a, 0.0, 0.0],
-            [b * cg, b * sg, 0.0],
-            [c * cb, c * cy, c * math.sqrt(cz2)],
-        ]
-    )
-
-
-def _wrap(fract: np.ndarray) -> np.ndarray:
-    """Fractional coordinates wrapped to [0, 1)."""
-    w = fract - np.floor(fract)
-    # x − floor(x) rounds to exactly 1.0 for tiny negative x (−1e-17); fold that back to 0.
-    return np.where(w >= 1.0, w - 1.0, w)
-
-
-def _lattice_distance(d: np.ndarray, real_basis: np.ndarray) -> np.ndarray:
-    """Cartesian length (Å) of fractional differences modulo lattice translations, (..., 3) → (...).
-
-    Rounding each component is the true minimum image only for short vectors in oblique cells,
-    which is all it is used for here (coincidence within a few hundredths of an Å).
-    """
-    return np.linalg.norm((d - np.round(d)) @ real_basis, axis=-1)
-
-
-def site_stabilisers(
-    fract: np.ndarray,
-    rotations: np.ndarray,
-    translations: np.ndarray,
-    real_basis: np.ndarray,
-    tolerance: float = SITE_TOLERANCE,
-) -> list[np.ndarray]:
-    """Operator indices that map each site onto itself modulo lattice translations.
-
-    Args:
-      fract: fractional coordinates, shape (n, 3).
-      rotations: (n_ops, 3, 3); translations: (n_ops, 3): operators x' = R x + t.
-      real_basis: rows a, b, c in Å, shape (3, 3).
-      tolerance: Å, Cartesian distance below which R x + t and x are the same point.
-
-    Returns:
-      n int arrays, each the indices of the site's stabiliser (contains the identity).
-    """
-    images = np.einsum("kij,nj->nki", rotations, fract) + translations[None]  # (n, n_ops, 3)
-    dist = _lattice_distance(images - fract[:, None, :], real_basis)
-    return [np.flatnonzero(row < tolerance) for row in dist]
-
-
-def expand_sites(
-    fract: np.ndarray,
-    rotations: np.ndarray,
-    translations: np.ndarray,
-    real_basis: np.ndarray,
-    tolerance: float = SITE_TOLERANCE,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The unit-cell atoms generated by the operators, dropping coincident copies.
-
-    Each asymmetric-unit atom is mapped by every operator in order; a copy closer than
-    ``tolerance`` (Å, Cartesian minimum image) to an earlier copy of the same atom is dropped
-    (special positions). Copies of different asymmetric-unit atoms are never merged: two
-    atoms sharing a site (disorder, mixed occupancy) stay two atoms.
-
-    Args:
-      fract: asymmetric-unit fractional coordinates, shape (n_asu, 3).
-      rotations: (n_ops, 3, 3); translations: (n_ops, 3): operators x' = R x + t.
-      real_basis: rows a, b, c in Å, shape (3, 3).
-      tolerance: Å.
-
-    Returns:
-      (site_atom, site_op), int arrays of shape (n_cell,): the asymmetric-unit atom and the
-      operator generating each unit-cell atom, atoms in asymmetric-unit order.
-    """
-    site_atom: list[int] = []
-    site_op: list[int] = []
-    for n, x in enumerate(fract):
-        images = _wrap(np.einsum("kij,j->ki", rotations, x) + translations)  # (n_ops, 3)
-        kept: list[int] = []
-        for k, y in enumerate(images):
-            if kept and np.min(_lattice_distance(images[kept] - y, real_basis)) < tolerance:
-                continue
-            kept.append(k)
-        site_atom.extend([n] * len(kept))
-        site_op.extend(kept)
-    return np.asarray(site_atom, dtype=np.int64), np.asarray(site_op, dtype=np.int64)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -419,10 +242,8 @@ class Crystal:
 
     @property
     def u_iso_equivalent(self) -> np.ndarray:
-        """Ueq = tr(U_cart)/3, Å², (n_asu,), with U_cart = A U* Aᵀ (A columns a, b, c)."""
-        a = self.real_basis.T
-        u_cart = np.einsum("ij,njk,lk->nil", a, self.u_star, a)
-        return np.trace(u_cart, axis1=1, axis2=2) / 3.0
+        """Ueq = tr(U_cart)/3, Å², (n_asu,), U_cart = A U* Aᵀ (A columns a, b, c): :func:`ueq`."""
+        return ueq(self.u_cif, self.real_basis)
 
     @staticmethod
     def u_cif_from_iso(cell: Sequence[float], u_iso: np.ndarray) -> np.ndarray:
@@ -442,7 +263,7 @@ class Crystal:
             np.einsum("nij,nj->ni", rot, self.fract[self.site_atom])
             + self.translations[self.site_op]
         )
-        return _wrap(x)
+        return wrap_fractional(x)
 
     @property
     def cell_u_star(self) -> np.ndarray:
