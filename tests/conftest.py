@@ -20,15 +20,19 @@ def data_dir() -> Path:
 
 
 def inject_nan_loss(refinement, monkeypatch, at_call: int = 2) -> None:
-    """Make ``refinement``'s compiled step report a NaN loss on its ``at_call``-th call (a
+    """Make the refinement core's step report a NaN loss on its ``at_call``-th call (a
     divergence the Refinement must detect and recover from); other calls are untouched."""
     import jax.numpy as jnp
 
-    compiled, calls = refinement._compiled_step, []
+    from edkit.refine import core
 
-    def step(state, opt_state):
-        out = compiled(state, opt_state)
+    original, calls = core.step, []
+
+    def step(state, problem):
+        new_state, measured = original(state, problem)
         calls.append(1)
-        return (*out[:2], jnp.nan, *out[3:]) if len(calls) == at_call else out
+        if len(calls) == at_call:
+            measured = measured._replace(loss=jnp.asarray(jnp.nan))
+        return new_state, measured
 
-    monkeypatch.setattr(refinement, "_compiled_step", step)
+    monkeypatch.setattr(core, "step", step)

@@ -27,6 +27,7 @@ from conftest import inject_nan_loss
 
 from edkit import EdkitError, Refinement, read_cif, read_pets
 from edkit.io.pets import select_frames
+from edkit.refine import core
 from edkit.simulate.synthetic import make_dataset, rotation_series
 
 G_MAX = 1.2
@@ -80,20 +81,20 @@ def template(start, dataset):
     refinement = Refinement(
         start, dataset, g_max=G_MAX, n_sub=N_SUB, thickness_grid=GRID, learning_rates=RATES
     )
-    refinement._compiled_step = refinement._make_step()  # shared by the copies
     return refinement
 
 
 def fresh(template: Refinement) -> Refinement:
     """An unstepped copy of ``template`` with its own mutable bookkeeping."""
     refinement = copy.copy(template)
-    refinement.state = jax.tree.map(lambda x: x, template.state)  # new Variable objects
+    # A new optimiser state: the live learning rates are written into it before every step.
+    refinement._core_state = core.init(jax.tree.map(lambda x: x, template.state), template.problem)
     refinement.best_state = refinement.state
     refinement.base_learning_rates = dict(template.base_learning_rates)
     refinement.enabled = dict(template.enabled)
     refinement.messages = []
     refinement._records = []
-    refinement._jacobian = None
+    refinement._least_squares = None
     return refinement
 
 
@@ -175,10 +176,39 @@ def test_first_adam_step_moves_each_free_coordinate_by_the_rate_in_angstrom(temp
     assert free.sum() == 4
 
 
+def _compiled_sizes() -> tuple[int, ...]:
+    """Entries in the compile caches of the core's jitted pieces."""
+    pieces = (core.intermediates, core.chunk_value_and_cotangent, core.apply_gradient)
+    return tuple(piece._cache_size() for piece in pieces)
+
+
+def test_twenty_steps_trace_once_per_chunk_shape(template) -> None:
+    """20 steps with a learning-rate change and a group switched off in between: the chunk's
+    value-and-gradient is traced once per chunk shape, the update once (optax alias_test's
+    log_compilations idea, with a trace counter)."""
+    for piece in (core.intermediates, core.chunk_value_and_cotangent, core.apply_gradient):
+        piece.clear_cache()
+    core.TRACES.clear()
+    r = fresh(template)
+    r.step(5)
+    r.set_learning_rate("positions", 1e-3)
+    r.step(5)
+    r.set_enabled("adp", False)
+    r.step(5)
+    r.set_enabled("adp", True)
+    r.set_learning_rate("thickness", 1e-4)
+    r.step(5)
+    assert r.step_count == 20 and not r.messages
+    shapes = set(r.problem.chunk_shapes)
+    assert core.TRACES["chunk"] == len(shapes) >= 1
+    assert core.TRACES["apply"] == 1
+    assert core.TRACES["intermediates"] == 1
+
+
 def test_set_learning_rate_takes_effect_without_recompiling(template) -> None:
     r = fresh(template)
     r.step(1)
-    assert r._compiled_step._cache_size() == 1
+    compiled = _compiled_sizes()
     before_adp = adp(r)
     before_positions = positions(r)
     r.set_learning_rate("adp", 0.0)
@@ -189,7 +219,7 @@ def test_set_learning_rate_takes_effect_without_recompiling(template) -> None:
     r.set_learning_rate("adp", 1e-4)
     r.step(1)
     assert np.any(adp(r) != before_adp)
-    assert r._compiled_step._cache_size() == 1  # the rates live in the optimiser state
+    assert _compiled_sizes() == compiled  # the rates live in the optimiser state
     with pytest.raises(EdkitError, match="bonds"):
         r.set_learning_rate("bonds", 1e-3)
     with pytest.raises(EdkitError, match="positions"):
@@ -198,12 +228,15 @@ def test_set_learning_rate_takes_effect_without_recompiling(template) -> None:
 
 def test_set_enabled_freezes_a_group(template) -> None:
     r = fresh(template)
+    r.step(1)
+    compiled = _compiled_sizes()
+    r._core_state = core.init(template.state, template.problem)
     r.set_enabled("positions", False)
     assert r.n_parameters == 10
     r.step(3)
     np.testing.assert_array_equal(positions(r), 0.0)
     assert np.any(adp(r) != 0)
-    assert r._compiled_step._cache_size() == 1
+    assert _compiled_sizes() == compiled
     with pytest.raises(EdkitError, match="unknown parameter group 'bonds'"):
         r.set_enabled("bonds", True)
 
@@ -323,7 +356,7 @@ def test_truncated_checkpoint(checkpoint, tmp_path, keep) -> None:
 
 def _check_recovered(r: Refinement, template: Refinement, halved: float) -> None:
     assert_trees_equal(r.state, template.state)  # back at the best (the starting) state
-    assert_trees_equal(r.opt_state, r.optimizer.init(r.state))  # optimiser restarted
+    assert_trees_equal(r.opt_state, r.problem.optimizer.init(r.state))  # optimiser restarted
     assert r.base_learning_rates["adp"] == 0.5 * template.base_learning_rates["adp"]
     assert r.base_learning_rates["positions"] == halved
     messages = r.history.attrs["messages"]
@@ -437,19 +470,17 @@ def test_refine_structure_does_not_increase_wr(refined) -> None:
 
 def test_rejected_levenberg_marquardt_trials_leave_the_state_alone(refined, monkeypatch) -> None:
     """Force every trial shift to look worse: the state must not move."""
-    if refined._jacobian is None:
-        refined._jacobian = refined._jacobian_function()
-    jacobian, calls = refined._jacobian, []
+    least_squares = refined._structure_least_squares()
+    cost, calls = least_squares.cost, []
 
-    def trials_look_worse(state):
-        residuals, jac = jacobian(state)
+    def trials_look_worse(params):
         calls.append(1)
-        return (residuals if len(calls) == 1 else 10.0 * residuals + 1.0), jac
+        return 10.0 * cost(params) + 1.0
 
-    monkeypatch.setattr(refined, "_jacobian", trials_look_worse)
+    monkeypatch.setattr(least_squares, "cost", trials_look_worse)
     before = leaves(refined.state)
     wr = refined.refine_structure(1)
-    assert len(calls) == 1 + 8  # the start and eight rejected trials (damping × 10 each)
+    assert len(calls) == 8  # eight rejected trials (damping × 10 each)
     assert len(wr) == 1
     for x, y in zip(leaves(refined.state), before, strict=True):
         np.testing.assert_array_equal(x, y)

@@ -28,6 +28,7 @@ from conftest import inject_nan_loss
 
 from edkit import EdkitError, Refinement, read_cif, read_pets, select_frames
 from edkit.physics import bloch
+from edkit.refine import core
 from edkit.refine.refinement import GROUPS
 from edkit.widgets import (
     BlochExplorer,
@@ -63,7 +64,6 @@ def template(quartz, data_dir) -> Refinement:
         thickness_grid=(200.0, 1000.0, 200.0),
         learning_rates={"thickness": 3e-4},
     )
-    refinement._compiled_step = refinement._make_step()  # shared by the copies
     refinement.predict()  # compiles the shared prediction
     return refinement
 
@@ -71,13 +71,14 @@ def template(quartz, data_dir) -> Refinement:
 def fresh(template: Refinement) -> Refinement:
     """An unstepped copy of ``template`` with its own mutable bookkeeping."""
     refinement = copy.copy(template)
-    refinement.state = jax.tree.map(lambda x: x, template.state)
+    # A new optimiser state: the live learning rates are written into it before every step.
+    refinement._core_state = core.init(jax.tree.map(lambda x: x, template.state), template.problem)
     refinement.best_state = refinement.state
     refinement.base_learning_rates = dict(template.base_learning_rates)
     refinement.enabled = dict(template.enabled)
     refinement.messages = []
     refinement._records = []
-    refinement._jacobian = None
+    refinement._least_squares = None
     refinement.last_uncertainties = None
     return refinement
 

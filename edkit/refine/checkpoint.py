@@ -98,18 +98,22 @@ def read(
             f"{folder / 'config.json'}: checkpoint version {config.get('version')!r}; this "
             f"edkit reads version {CHECKPOINT_VERSION}"
         )
+    current = folder / "start.cif"
     try:
-        crystal = read_cif(folder / "start.cif")
+        crystal = read_cif(current)
         # The CIF rounds numbers; the exact starting arrays travel beside it.
-        with open(folder / "start.npz", "rb") as handle, np.load(handle) as exact:
+        current = folder / "start.npz"
+        with open(current, "rb") as handle, np.load(handle) as exact:
             crystal = crystal.replace(
                 fract=exact["fract"], u_cif=exact["u_cif"], occupancy=exact["occupancy"]
             )
-        dataset = xr.load_dataset(folder / "data.nc", engine="h5netcdf")
-        with open(folder / "state.npz", "rb") as handle, np.load(handle) as stored:
+        current = folder / "data.nc"
+        dataset = xr.load_dataset(current, engine="h5netcdf")
+        current = folder / "state.npz"
+        with open(current, "rb") as handle, np.load(handle) as stored:
             arrays = {key: stored[key] for key in stored.files}
     except _BAD_FILE as error:
-        raise EdkitError(f"{folder}: corrupted checkpoint ({error})") from None
+        raise EdkitError(f"{current}: corrupted checkpoint ({error})") from None
     return crystal, dataset, options_from(**config["options"]), config, arrays
 
 

@@ -15,6 +15,7 @@ A step runs in three compiled pieces, so that memory is that of one chunk of fra
    pull-back through step 1 gives the parameters' gradient, and the optax update is applied.
 """
 
+import collections
 import functools
 from typing import Any, NamedTuple
 
@@ -69,6 +70,9 @@ class Metrics(NamedTuple):
     i_calc: jax.Array
 
 
+#: How often each compiled piece was traced (incremented while tracing; tests count them).
+TRACES: collections.Counter[str] = collections.Counter()
+
 #: ADP penalty weight (keeps every ADP tensor positive definite).
 ADP_PENALTY = 10.0
 
@@ -92,7 +96,11 @@ def model_intermediates(params: Any, problem: Problem) -> Intermediates:
     return Intermediates(pot, values, weights, model.orientation[...])
 
 
-intermediates = jax.jit(model_intermediates)
+@jax.jit
+def intermediates(params: Any, problem: Problem) -> Intermediates:
+    """Compiled :func:`model_intermediates` (the forward part of a step)."""
+    TRACES["intermediates"] += 1
+    return model_intermediates(params, problem)
 
 
 def chunk_intensities(
@@ -127,6 +135,7 @@ def chunk_value_and_cotangent(
 ) -> tuple[jax.Array, jax.Array, jax.Array, Intermediates]:
     """One chunk: its training and validation partial sums, its reflections' intensities and
     the cotangent of the training sum with respect to ``z``. Compiled once per chunk shape."""
+    TRACES["chunk"] += 1
     train, pullback, (validation, i_calc) = jax.vjp(
         lambda z: _chunk_sums(z, chunk, reciprocal, config, objective), z, has_aux=True
     )
@@ -198,6 +207,7 @@ def apply_gradient(
 ) -> tuple[RefineState, jax.Array, jax.Array, dict[str, jax.Array]]:
     """Pull the summed chunk cotangent (times the loss's outer derivative ``factor``) back to the
     parameters, add the penalty's gradient and apply the optimiser (skipped if non-finite)."""
+    TRACES["apply"] += 1
     _, pullback = jax.vjp(lambda p: model_intermediates(p, problem), state.params)
     scaled = jax.tree.map(lambda x: x * factor.astype(x.real.dtype), cotangent)
     (grads,) = pullback(scaled)

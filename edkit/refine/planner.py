@@ -49,7 +49,8 @@ def available_memory() -> float:
         pass
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            text = open(path).read().strip()
+            with open(path) as handle:
+                text = handle.read().strip()
             if text.isdigit():
                 available = min(available, float(text))
         except OSError:

@@ -23,7 +23,6 @@ from edkit.physics.structure import centric_at_origin, structure_params, structu
 from edkit.schema import cell_parameters
 from edkit.simulate.pattern import mean_inner_potential
 
-
 DEFAULT_SG_MAX = 0.015  # Å⁻¹
 DEFAULT_SUB_STEP = 0.05  # degrees between sub-orientations
 #: Klar et al. 2023 selection: |S_g|/ΔS < rsg and ΔS − |S_g| > dsg (science.md §5).
