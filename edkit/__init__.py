@@ -17,7 +17,8 @@ from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.examples import example_file, example_files
 from edkit.io.cif import read_cif, write_cif
-from edkit.io.pets import frame_orientations, read_pets, select_frames, write_pets
+from edkit.io.pets import read_pets, select_frames, write_pets
+from edkit.physics.geometry import frame_orientations
 from edkit.refine.refinement import Refinement
 from edkit.simulate import synthetic
 from edkit.simulate.frames import (
@@ -27,11 +28,13 @@ from edkit.simulate.frames import (
     thickness_search,
 )
 from edkit.simulate.pattern import simulate_pattern
+from edkit.version import __version__
 
 __all__ = [
     "Crystal",
     "EdkitError",
     "Refinement",
+    "__version__",
     "build_frame_setup",
     "example_file",
     "example_files",
@@ -48,4 +51,3 @@ __all__ = [
     "write_cif",
     "write_pets",
 ]
-__version__ = "0.1.0"

@@ -164,8 +164,10 @@ def test_notebook_loader_inlines_bokeh(tmp_path) -> None:
 
 def test_panel_builds(template) -> None:
     r = fresh(template)
-    panel = r.panel(run_steps=5)
+    panel = RefinementPanel(r, run_steps=5)
     assert isinstance(panel, RefinementPanel)
+    with pytest.warns(DeprecationWarning, match="RefinementPanel"):
+        assert isinstance(r.panel(run_steps=5), RefinementPanel)  # the deprecated shim
     assert isinstance(panel.widget, ipywidgets.VBox)
     assert panel.step_button.description == "Step"
     assert panel.run_button.description == "Run"

@@ -11,7 +11,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +49,6 @@ from edkit.refine.problem import build_problem
 from edkit.refine.results import figures, history_dataset
 from edkit.simulate.frames import FrameSetup, build_frame_setup, frame_comparison, thickness_search
 from edkit.simulate.stack import stack_config
-
-if TYPE_CHECKING:
-    from edkit.widgets.refinement_panel import RefinementPanel
 
 
 class Refinement:
@@ -328,7 +325,7 @@ class Refinement:
                 break
         return self
 
-    def panel(self, **options: Any) -> "RefinementPanel":
+    def panel(self, **options: Any) -> Any:
         """Deprecated: use ``edkit.widgets.RefinementPanel(refinement, **options)``.
 
         (The refinement layer does not import the widgets above it; this shim stays for

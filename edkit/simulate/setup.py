@@ -18,6 +18,7 @@ from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.physics.beams import DEFAULT_G_MAX, excitation_errors_np, reflections_within
 from edkit.physics.geometry import frame_orientations
+from edkit.physics.orientation import rotation_x
 from edkit.physics.rocking import LAB_BEAM, sub_orientation_angles, sub_orientation_weights
 from edkit.physics.structure import centric_at_origin, structure_params, structure_tables
 from edkit.schema import cell_parameters
@@ -191,7 +192,9 @@ def build_frame_setup(
     g_candidates = candidates @ reciprocal
     frame_beams, frame_weak = [], []
     for rotation, frame_angles in zip(rotations, angles, strict=True):
-        k_hats = np.stack([(rotation_x_np(phi) @ rotation).T @ LAB_BEAM for phi in frame_angles])
+        k_hats = np.stack(
+            [(rotation_x(phi, xp=np) @ rotation).T @ LAB_BEAM for phi in frame_angles]
+        )
         s = np.stack([excitation_errors_np(g_candidates, k, k_mag) for k in k_hats])
         closest = np.min(np.abs(s), axis=0)
         keep = closest <= sg_max
@@ -355,9 +358,3 @@ def klar_selection(
     swept = np.hypot(g_lab[:, 1], g_lab[:, 2]) * semiangle
     selected = (np.abs(excitation) < rsg * swept) & (swept - np.abs(excitation) > dsg)
     return excitation, selected
-
-
-def rotation_x_np(angle: float) -> np.ndarray:
-    """Active rotation by ``angle`` (radians) about x, numpy, (3, 3)."""
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])

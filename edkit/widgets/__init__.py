@@ -5,7 +5,7 @@ and Bokeh only when one of its names is first used::
 
     from edkit.widgets import RefinementPanel, ThicknessView, FrameComparison, BlochExplorer
 
-    panel = refinement.panel(thickness_view=True)   # or RefinementPanel(refinement)
+    panel = RefinementPanel(refinement, thickness_view=True)
     panel                                           # Step / Run / Stop, rates, live curves
     FrameComparison(refinement)                     # measured vs simulated spots per frame
     BlochExplorer()                                 # two-beam vs many-beam, bundled quartz

@@ -1,0 +1,177 @@
+"""The streamed refinement core (edkit.refine.core, lm, planner) against direct, unchunked routes.
+
+The problem: α-quartz on 5 frames of a generated rotation series (g_max 1.0 Å⁻¹, 5
+sub-orientations, Bethe beams as the refinement's defaults), a profile-net thickness and
+orientation corrections, the start displaced. The direct routes differentiate the whole dataset
+at once through ``frame_intensity_stack`` and the metrics module's losses, as edkit did before
+frames were streamed.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from edkit import EdkitError, Refinement, metrics, read_cif, read_pets
+from edkit.refine import core, lm, objective
+from edkit.refine.planner import plan_memory
+from edkit.simulate import frames as frames_module
+from edkit.simulate.stack import frame_intensity_stack
+from edkit.simulate.synthetic import make_dataset, rotation_series
+
+G_MAX = 1.0
+N_SUB = 5
+
+
+@pytest.fixture(scope="module")
+def dataset(data_dir):
+    quartz = read_cif(data_dir / "structures" / "quartz.cif")
+    experiment = read_pets(data_dir / "pets" / "quartz_experimental.cif_pets")
+    geometry = rotation_series(
+        experiment, alpha_start=-30.0, alpha_step=12.0, n_frames=5, semiangle=1.5
+    )
+    return make_dataset(quartz, geometry, 450.0, n_sub=N_SUB, g_max=G_MAX, seed=3)
+
+
+@pytest.fixture(scope="module")
+def start(data_dir):
+    quartz = read_cif(data_dir / "structures" / "quartz.cif")
+    fract = quartz.fract.copy()
+    fract[1] += [0.004, -0.003, 0.002]
+    return quartz.replace(fract=fract)
+
+
+def _refinement(start, dataset, chunk_frames):
+    return Refinement(
+        start, dataset, g_max=G_MAX, n_sub=N_SUB, thickness_grid=(200.0, 800.0, 100.0),
+        chunk_frames=chunk_frames,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_frame_chunks(start, dataset):
+    return _refinement(start, dataset, 1)
+
+
+def _stepped_params(refinement):
+    """Parameters away from the start in every group (orientations and network included)."""
+    params = refinement.state
+    key = iter(jax.random.split(jax.random.key(0), 64))
+    return jax.tree.map(lambda x: x + 1e-3 * jax.random.normal(next(key), x.shape), params)
+
+
+def _direct_loss(refinement, params):
+    """The whole dataset at once: frame_intensity_stack over every frame, metrics' wR."""
+    problem, setup = refinement.problem, refinement.setup
+    model = nnx.merge(problem.graphdef, params)
+    values, weights = model.thickness(problem.features)
+    stack = frame_intensity_stack(
+        model.structure(problem.mapping), problem.tables, setup, values,
+        orientation_corrections=model.orientation[...],
+    )  # fmt: skip
+    frame_values = jnp.einsum("ft,ftn->fn", weights, stack)
+    i_calc = frames_module.reflection_intensities(setup, frame_values)
+    loss = metrics.jana_wr_loss(
+        jnp.asarray(refinement.i_obs), jnp.asarray(refinement.sigma), i_calc,
+        jnp.asarray(refinement.train_mask), jnp.asarray(setup.refl_frame), setup.n_frames,
+    )  # fmt: skip
+    return loss + core.penalty_of(params, problem)
+
+
+def test_chunked_value_and_gradient_equal_the_whole_dataset_at_once(one_frame_chunks) -> None:
+    r = one_frame_chunks
+    assert len(r.problem.chunks) == r.setup.n_frames  # one frame per chunk
+    params = _stepped_params(r)
+    with jax.enable_x64(True):
+        value, grads = core.value_and_grad(params, r.problem)
+        direct_value, direct_grads = jax.value_and_grad(_direct_loss, argnums=1)(r, params)
+    assert float(value) == pytest.approx(float(direct_value), rel=1e-10)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(direct_grads), strict=True):
+        scale = max(float(jnp.max(jnp.abs(b))), 1e-300)
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-10 * scale
+
+
+def test_chunk_sizes_give_the_same_step(one_frame_chunks, start, dataset) -> None:
+    whole = _refinement(start, dataset, 64)
+    assert len(whole.problem.chunks) < len(one_frame_chunks.problem.chunks)
+    params = _stepped_params(one_frame_chunks)
+    with jax.enable_x64(True):
+        a = core.predict(params, one_frame_chunks.problem)
+        b = core.predict(params, whole.problem)
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
+
+
+def _direct_normal_equations(refinement, least_squares):
+    """JᵀJ, Jᵀr, rᵀr from the full Jacobian of every training residual (jacfwd)."""
+    setup, problem = refinement.setup, refinement.problem
+    mask = jnp.asarray(refinement.train_mask)
+
+    def residuals(theta):
+        params = least_squares.shift(refinement.state, theta)
+        model = nnx.merge(problem.graphdef, params)
+        values, weights = model.thickness(problem.features)
+        stack = frame_intensity_stack(
+            model.structure(problem.mapping), problem.tables, setup, values,
+            orientation_corrections=model.orientation[...],
+        )  # fmt: skip
+        i_calc = frames_module.reflection_intensities(
+            setup, jnp.einsum("ft,ftn->fn", weights, stack)
+        )
+        return objective.jana_residuals(
+            jnp.asarray(refinement.i_obs), jnp.asarray(refinement.sigma), i_calc, mask,
+            jnp.asarray(setup.refl_frame), setup.n_frames,
+        )  # fmt: skip
+
+    theta = jnp.zeros(least_squares.n_free)
+    r = residuals(theta)
+    jac = jax.jacfwd(residuals)(theta)  # (n_refl, n_par): the full Jacobian, small here
+    return np.asarray(jac.T @ jac), np.asarray(jac.T @ r), float(r @ r)
+
+
+def test_accumulated_normal_matrix_equals_the_full_jacobian(one_frame_chunks) -> None:
+    r = one_frame_chunks
+    least_squares = r._structure_least_squares()
+    with jax.enable_x64(True):
+        equations = least_squares.normal_equations(r.state)
+        normal, gradient, cost = _direct_normal_equations(r, least_squares)
+    np.testing.assert_allclose(
+        equations.normal, normal, rtol=1e-8, atol=1e-8 * np.abs(normal).max()
+    )
+    np.testing.assert_allclose(
+        equations.gradient, gradient, rtol=1e-8, atol=1e-8 * np.abs(gradient).max()
+    )
+    assert equations.cost == pytest.approx(cost, rel=1e-10)
+    # The LM step and the s.u.'s from either matrix agree to 1e-8.
+    shift = np.linalg.solve(equations.normal + 1e-3 * np.diag(np.diag(equations.normal)),
+                            -equations.gradient)  # fmt: skip
+    direct_shift = np.linalg.solve(normal + 1e-3 * np.diag(np.diag(normal)), -gradient)
+    np.testing.assert_allclose(shift, direct_shift, rtol=1e-8, atol=1e-8 * np.abs(shift).max())
+    cov, gof = lm.covariance(equations, least_squares.n_free)
+    direct_cov, direct_gof = lm.covariance(
+        lm.NormalEquations(normal, gradient, cost, equations.n_residuals), least_squares.n_free
+    )
+    np.testing.assert_allclose(np.sqrt(np.diag(cov)), np.sqrt(np.diag(direct_cov)), rtol=1e-8)
+    assert gof == pytest.approx(direct_gof, rel=1e-10)
+
+
+def test_a_tiny_memory_limit_is_refused_before_any_heavy_work(start, dataset, monkeypatch):
+    def no_grid_search(*args, **kwargs):
+        raise AssertionError("the grid search ran before the memory check")
+
+    monkeypatch.setattr("edkit.refine.refinement.thickness_search", no_grid_search)
+    with pytest.raises(EdkitError, match=r"needs about [0-9.]+ GB .* budget is 0\.00 GB"):
+        Refinement(start, dataset, g_max=G_MAX, n_sub=N_SUB, memory_limit=1e6)
+    with pytest.raises(EdkitError, match="memory size"):
+        Refinement(start, dataset, g_max=G_MAX, n_sub=N_SUB, memory_limit="lots")
+
+
+def test_planner_chooses_smaller_chunks_for_a_smaller_budget(one_frame_chunks) -> None:
+    setup = one_frame_chunks.setup
+    roomy = plan_memory(setup, memory_limit=20e9)
+    assert roomy.remat is False and roomy.chunk_frames == setup.n_frames
+    fixed = roomy.fixed_bytes
+    tight = plan_memory(setup, memory_limit=fixed + 1.5 * roomy.frame_bytes)
+    assert tight.chunk_frames == 1
+    assert tight.peak_bytes <= tight.budget_bytes
+    assert "frame(s) per chunk" in tight.describe()
