@@ -1,7 +1,14 @@
-"""A CsPbBr₃-sized refinement epoch: borane (Pccn, 20 atoms in the asymmetric unit, 1386 Å³),
-60 frames × 60 sub-orientations, about 610 beams per frame before pruning.
+"""A CsPbBr₃-sized refinement epoch. Two cases (``--case``):
 
-The rotation series is generated (α from −60° in 2° steps, θ = 1°), its intensities simulated
+* ``borane`` (default): borane (Pccn, 20 atoms in the asymmetric unit, 1386 Å³), 60 frames × 60
+  sub-orientations, g_max 1.2 Å⁻¹, about 610 beams per frame before pruning; θ = 1°;
+* ``cspbbr3``: orthorhombic CsPbBr₃ itself (Pbnm, a 8.2, b 8.4, c 11.8 Å, Z = 4,
+  ``edkit/data/structures/cspbbr3.cif``, approximate coordinates), 200 kV, 60 frames, g_max
+  2.3 Å⁻¹, θ = 1.47° so that edkit's default sub-orientation step (0.05°) gives 60
+  sub-orientations per frame; intensities simulated at 400 Å with the exact beams of
+  |S_g| ≤ 0.005 Å⁻¹ (about 810 per frame). Its beam counts per frame are printed first.
+
+The rotation series is generated (α from −60° in 2° steps), its intensities simulated
 by edkit itself (``edkit.synthetic.make_dataset``) so the loss is realistic. Methods, each in its
 own process (peak memory is its own), each adding one step to the previous one:
 
@@ -15,7 +22,11 @@ own process (peak memory is its own), each adding one step to the previous one:
   pass keeping the eigendecompositions (``remat="eigensystems"``), one frame per batch;
 * ``real``: borane is centrosymmetric (Pccn, inversion at the origin): real potentials and real
   symmetric solves (edkit's default for such crystals), float64;
-* ``real-single``: ``real`` with float32 solves (``solve_dtype=complex64``).
+* ``real-single``: ``real`` with float32 solves (``solve_dtype=complex64``);
+* ``refine-step`` (not in the default list): ``edkit.Refinement(crystal, dataset, g_max=...)``
+  with default options (its construction, i.e. planning and the thickness grid search, timed
+  separately), then ``step()`` twice: the first compiles, the second is the epoch. Prints the
+  peak resident memory and the planner's estimate (``Refinement.memory_plan``) and their ratio.
 
 Each prints seconds for the forward pass and the epoch (value and gradient), the number of
 eigendecompositions and their mean size, the process's peak resident memory (``peak MB``: the
@@ -24,7 +35,8 @@ whole process, the epoch included; the heap XLA's compiler frees is handed back 
 epoch's ratios to ``exact`` and to the previous row.
 Run: ``python benchmarks/large.py [--frames 60] [--n-sub 60] [--methods real,real-single]``
 (about 20 minutes for every method on a 2-core CPU; notebooks/06_performance.ipynb runs a
-small version).
+small version); ``python benchmarks/large.py --case cspbbr3 --methods refine-step`` (the first
+run simulates and caches the series: about 20 minutes on one core).
 """
 
 import argparse
@@ -49,27 +61,71 @@ from edkit.physics.structure import structure_params, structure_tables
 from edkit.simulate.frames import build_frame_setup, frame_intensity_stack, reflection_intensities
 from edkit.simulate.synthetic import make_dataset, rotation_series
 
-G_MAX = 1.2  # Å⁻¹
 SG_MAX = 0.005  # Å⁻¹, exact
 SG_WEAK = 0.04  # Å⁻¹, Bethe
-THICKNESS = 600.0  # Å
+REFINE_SG_WEAK = 0.03  # Å⁻¹, Bethe in edkit.Refinement's defaults (beam counts of cspbbr3)
+#: Per case: structure, g_max (Å⁻¹), rocking semi-angle θ (°), simulated thickness (Å),
+#: sub-orientations per frame (None: edkit's default step, 60 at θ = 1.47°).
+CASES = {
+    "borane": {"cif": "borane.cif", "g_max": 1.2, "semiangle": 1.0, "thickness": 600.0,
+               "n_sub": 60},
+    "cspbbr3": {"cif": "cspbbr3.cif", "g_max": 2.3, "semiangle": 1.47, "thickness": 400.0,
+                "n_sub": None},
+}  # fmt: skip
 
 
-def _dataset(n_frames: int, n_sub: int, cache: str):
-    """The borane rotation series with simulated intensities (cached as netCDF)."""
-    if os.path.exists(cache):
+def _crystal(args):
+    return edkit.read_cif(edkit.example_file(CASES[args.case]["cif"]))
+
+
+def _dataset(args):
+    """The case's rotation series with simulated intensities (cached as netCDF): 200 kV,
+    α from −60° in 2° steps, exact beams of |S_g| ≤ SG_MAX (``make_dataset`` has no Bethe)."""
+    if os.path.exists(args.cache):
         import xarray as xr
 
-        return xr.load_dataset(cache, engine="h5netcdf")
-    crystal = edkit.read_cif(edkit.example_file("borane.cif"))
+        return xr.load_dataset(args.cache, engine="h5netcdf")
+    crystal = _crystal(args)
     geometry = rotation_series(
-        cell=crystal.cell, alpha_start=-60.0, alpha_step=2.0, n_frames=n_frames, semiangle=1.0
-    )
+        cell=crystal.cell, alpha_start=-60.0, alpha_step=2.0, n_frames=args.frames,
+        semiangle=args.semiangle, voltage=200e3, dstarmax=args.g_max,
+    )  # fmt: skip
+    start = time.perf_counter()
     data = make_dataset(
-        crystal, geometry, THICKNESS, g_max=G_MAX, sg_max=SG_MAX, n_sub=n_sub, seed=1
+        crystal, geometry, CASES[args.case]["thickness"], g_max=args.g_max, sg_max=SG_MAX,
+        n_sub=args.n_sub, seed=1,
+    )  # fmt: skip
+    print(
+        f"# simulated {args.frames} frames × {data.attrs['synthetic_n_sub']} sub-orientations "
+        f"in {time.perf_counter() - start:.0f} s: {data.sizes['refl']} reflections -> "
+        f"{args.cache}",
+        flush=True,
     )
-    data.to_netcdf(cache, engine="h5netcdf")
+    data.to_netcdf(args.cache, engine="h5netcdf")
     return data
+
+
+def _beam_counts(args, data) -> str:
+    """Beams per frame before pruning (min/median/max over all frames): exact ones
+    (|S_g| ≤ SG_MAX at some sub-orientation) and Bethe ones (up to REFINE_SG_WEAK, edkit's
+    refinement default, and up to SG_WEAK, this benchmark's)."""
+    crystal = _crystal(args)
+    lines = []
+    for weak in (REFINE_SG_WEAK, SG_WEAK):
+        setup = build_frame_setup(
+            crystal, data, g_max=args.g_max, sg_max=SG_MAX, sg_weak=weak, n_sub=args.n_sub
+        )
+        counts = {
+            f"exact |S|≤{SG_MAX}": setup.n_beams,
+            f"Bethe ≤{weak}": setup.n_weak,
+            "together": setup.n_beams + setup.n_weak,
+        }
+        lines.append(
+            "# beams per frame (min/median/max): "
+            + ", ".join(f"{k} {v.min()}/{np.median(v):.0f}/{v.max()}" for k, v in counts.items())
+            + f" ({setup.settings['n_sub']} sub-orientations)"
+        )
+    return "\n".join(lines)
 
 
 def _release_freed_heap() -> None:
@@ -82,15 +138,17 @@ def _release_freed_heap() -> None:
 
 
 def measure(method: str, args) -> dict:
-    crystal = edkit.read_cif(edkit.example_file("borane.cif"))
-    data = _dataset(args.frames, args.n_sub, args.cache)
+    if method == "refine-step":
+        return measure_refine_step(args)
+    crystal = _crystal(args)
+    data = _dataset(args)
     shared = method in ("shared", "real", "real-single")
     if method == "exact":
         data = edkit.select_frames(data, slice(0, None, max(1, args.frames // args.exact_frames)))
-        setup = build_frame_setup(crystal, data, g_max=G_MAX, sg_max=SG_WEAK, n_sub=args.n_sub)
+        setup = build_frame_setup(crystal, data, g_max=args.g_max, sg_max=SG_WEAK, n_sub=args.n_sub)
     else:
         setup = build_frame_setup(
-            crystal, data, g_max=G_MAX, sg_max=SG_MAX, sg_weak=SG_WEAK, n_sub=args.n_sub,
+            crystal, data, g_max=args.g_max, sg_max=SG_MAX, sg_weak=SG_WEAK, n_sub=args.n_sub,
             bethe_terms=args.bethe_terms if shared else None,
         )  # fmt: skip
     options = {
@@ -112,7 +170,7 @@ def measure(method: str, args) -> dict:
 
     with jax.enable_x64(True):
         params = structure_params(crystal)
-        thickness = jnp.full((setup.n_frames, 1), THICKNESS)
+        thickness = jnp.full((setup.n_frames, 1), CASES[args.case]["thickness"])
         forward = jax.jit(lambda p, t: frame_intensity_stack(p, tables, setup, t, **options))
         epoch = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         start = time.perf_counter()
@@ -133,6 +191,7 @@ def measure(method: str, args) -> dict:
         "method": method,
         "frames_timed": setup.n_frames,
         "solves": int(args.frames * setup.settings["n_sub"]),
+        "n_sub": int(setup.settings["n_sub"]),
         "mean_size": float(sizes.mean()),
         "beams": float(setup.n_beams.mean()),
         "weak": float(setup.n_weak.mean()),
@@ -145,10 +204,97 @@ def measure(method: str, args) -> dict:
     }
 
 
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_refine_step(args) -> dict:
+    """One full refinement step with edkit's default options, in this process: construction
+    (planning, thickness grid search), a first step (compiles), a second step (the epoch), the
+    process's peak resident memory and the planner's estimate of it."""
+    crystal = _crystal(args)
+    data = _dataset(args)
+    options = {"g_max": args.g_max}
+    if args.n_sub != CASES[args.case]["n_sub"]:
+        options["n_sub"] = args.n_sub  # a small test's sub-orientations (not a default)
+    start = time.perf_counter()
+    refinement = edkit.Refinement(crystal, data, **options)
+    construct = time.perf_counter() - start
+    construct_peak = _peak_mb()
+    start = time.perf_counter()
+    refinement.step()
+    first = time.perf_counter() - start
+    first_peak = _peak_mb()
+    solved = refinement.seconds
+    start = time.perf_counter()
+    record = refinement.step()
+    epoch = time.perf_counter() - start
+    solved = refinement.seconds - solved  # the compiled step alone, without the step's record
+    peak = _peak_mb()
+    setup = refinement.setup
+    plan = getattr(refinement, "memory_plan", None)
+    row = {
+        "method": "refine-step",
+        "options": dict(options),
+        "n_sub": int(setup.settings["n_sub"]),
+        "solves": int(setup.n_frames * setup.settings["n_sub"]),
+        "beams": float(setup.n_beams.mean()),
+        "weak": float(setup.n_weak.mean()) if setup.n_weak is not None else 0.0,
+        "construct": construct,
+        "first_step": first,
+        "epoch": epoch,
+        "epoch_compiled": solved,
+        "loss": float(record.get("loss", float("nan"))),
+        "r_obs": float(record.get("r_obs", float("nan"))),
+        "construct_peak_mb": construct_peak,
+        "first_step_peak_mb": first_peak,
+        "peak_mb": peak,
+        "plan": None,
+    }
+    if plan is not None:
+        row["plan"] = {
+            "peak_mb": getattr(plan, "peak_bytes", float("nan")) / 2**20,
+            "chunk_frames": getattr(plan, "chunk_frames", None),
+            "remat": str(getattr(plan, "remat", None)),
+            "budget_mb": (getattr(plan, "budget_bytes", None) or float("nan")) / 2**20,
+            "describe": plan.describe() if hasattr(plan, "describe") else repr(plan),
+        }
+    return row
+
+
+def _print_refine_step(row: dict) -> None:
+    print(
+        f"refine-step: {row['solves']} solves ({row['n_sub']} sub-orientations/frame), "
+        f"mean {row['beams']:.0f} beams + {row['weak']:.0f} Bethe; Refinement(...) "
+        f"{row['construct']:.1f} s (peak {row['construct_peak_mb']:.0f} MB), first step "
+        f"(compiles) {row['first_step']:.1f} s (peak {row['first_step_peak_mb']:.0f} MB), "
+        f"epoch (second step) {row['epoch']:.2f} s ({row['epoch_compiled']:.2f} s in the "
+        f"compiled step); loss {row['loss']:.6g}, R_obs {row['r_obs']:.4g}",
+        flush=True,
+    )
+    plan = row["plan"]
+    measured = row["peak_mb"]
+    if plan is None:
+        print(f"peak RSS {measured:.0f} MB; no memory_plan (Refinement has no such attribute)")
+        return
+    print(plan["describe"])
+    print(
+        f"peak RSS {measured:.0f} MB; planned {plan['peak_mb']:.0f} MB (budget "
+        f"{plan['budget_mb']:.0f} MB, chunk_frames {plan['chunk_frames']}, remat "
+        f"{plan['remat']}); estimate/measured {plan['peak_mb'] / measured:.2f}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--case", choices=sorted(CASES), default="borane")
     parser.add_argument("--frames", type=int, default=60)
-    parser.add_argument("--n-sub", type=int, default=60)
+    parser.add_argument(
+        "--n-sub", type=int, help="sub-orientations per frame (default: the case's, see CASES)"
+    )
+    parser.add_argument("--g-max", type=float, help="Å⁻¹ (default: the case's)")
+    parser.add_argument("--semiangle", type=float, help="θ, degrees (default: the case's)")
     parser.add_argument("--exact-frames", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", default="exact,bethe,shared,real,real-single")
@@ -156,27 +302,49 @@ def main() -> None:
     parser.add_argument("--cache", help="netCDF of the simulated series (default: in TMPDIR)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    case = CASES[args.case]
+    defaults = {"n_sub": case["n_sub"], "g_max": case["g_max"], "semiangle": case["semiangle"]}
+    explicit_n_sub = args.n_sub is not None
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.cache is None:
-        name = f"edkit_borane_{args.frames}x{args.n_sub}.nc"
-        args.cache = os.path.join(tempfile.gettempdir(), name)
+        name = f"edkit_{args.case}_{args.frames}x{args.n_sub or 'default'}"
+        if (args.g_max, args.semiangle) != (case["g_max"], case["semiangle"]):
+            name += f"_g{args.g_max:g}_t{args.semiangle:g}"
+        args.cache = os.path.join(tempfile.gettempdir(), name + ".nc")
     if args.one:
         print(json.dumps(measure(args.one, args)))
         return
-    _dataset(args.frames, args.n_sub, args.cache)  # simulate once, outside the timed processes
+    data = _dataset(args)  # simulate once, outside the timed processes
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} "
-        f"({jax.default_backend()}); borane, {args.frames} frames × {args.n_sub} "
-        f"sub-orientations, g_max {G_MAX}, exact |S|≤{SG_MAX}, Bethe ≤{SG_WEAK} Å⁻¹"
+        f"({jax.default_backend()}); {args.case}, {args.frames} frames × "
+        f"{data.attrs.get('synthetic_n_sub', args.n_sub)} sub-orientations (θ {args.semiangle}°), "
+        f"g_max {args.g_max}, exact |S|≤{SG_MAX}, Bethe ≤{SG_WEAK} Å⁻¹; {args.cache}"
     )
+    print(_beam_counts(args, data), flush=True)
+    methods = [m for m in args.methods.split(",") if m]  # "": simulate and count only
+    command_args = ["--case", args.case, "--g-max", str(args.g_max), "--semiangle"]
+    command_args += [str(args.semiangle)] + (["--n-sub", str(args.n_sub)] if explicit_n_sub else [])
+    for key in ("frames", "exact_frames", "repeats", "cache", "bethe_terms"):
+        command_args += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if "refine-step" in methods:
+        methods.remove("refine-step")
+        command = [sys.executable, __file__, "--one", "refine-step", *command_args]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"refine-step failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        _print_refine_step(json.loads(done.stdout.strip().splitlines()[-1]))
+    if not methods:
+        return
     print(
         f"{'method':13} {'solves':>6} {'size':>5} {'weak':>5} {'fwd s':>8} {'epoch s':>8} "
         f"{'ep/fwd':>6} {'vs exact':>8} {'vs prev':>7} {'peak MB':>8} {'compile MB':>10}  note"
     )
     first = previous = None
-    for method in args.methods.split(","):
-        command = [sys.executable, __file__, "--one", method]
-        for key in ("frames", "n_sub", "exact_frames", "repeats", "cache", "bethe_terms"):
-            command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    for method in methods:
+        command = [sys.executable, __file__, "--one", method, *command_args]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         first = first or row
