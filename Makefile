@@ -24,6 +24,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check edkit tests benchmarks
 	$(VENV)/bin/ruff format --check edkit tests benchmarks
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy edkit
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

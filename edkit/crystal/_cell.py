@@ -79,7 +79,7 @@ def cell_basis_rows(
     )
 
 
-def real_basis_of(cell: Sequence[float]) -> np.ndarray:
+def real_basis_of(cell: Sequence[float] | np.ndarray) -> np.ndarray:
     """Rows a, b, c in crystal-Cartesian axes (a ∥ x, b in xy, right-handed), Å, shape (3, 3).
 
     Args:

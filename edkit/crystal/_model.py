@@ -26,7 +26,7 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _formula(elements: Sequence[str], counts: Sequence[float]) -> str:
+def _formula(elements: Sequence[str], counts: Sequence[float] | np.ndarray) -> str:
     """Hill-order formula (C, H first when C is present, then alphabetical), e.g. "SiO2"."""
     totals: dict[str, float] = {}
     for e, c in zip(elements, counts, strict=True):
@@ -98,7 +98,9 @@ class Crystal:
         n = len(self.labels)
 
         def arr(name: str, dtype: type, shape: tuple[int | None, ...]) -> None:
-            a = np.array(getattr(self, name), dtype=dtype)  # a copy: callers keep their arrays
+            a: np.ndarray = np.array(
+                getattr(self, name), dtype=dtype
+            )  # a copy: callers keep their arrays
             ok = a.ndim == len(shape) and all(
                 s is None or s == d for s, d in zip(shape, a.shape, strict=False)
             )

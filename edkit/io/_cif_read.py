@@ -89,7 +89,8 @@ def _read_symmetry(src: Source) -> tuple[np.ndarray, np.ndarray, str]:
     else:
         ops = []
         if hm:
-            sg = gemmi.find_spacegroup_by_name(hm)
+            # None for an unknown symbol (gemmi's stub omits the None)
+            sg: gemmi.SpaceGroup | None = gemmi.find_spacegroup_by_name(hm)
             if sg is not None:
                 ops, name = list(sg.operations()), sg.xhm()
         hall_field = src.get(*HALL_TAGS)
@@ -106,7 +107,7 @@ def _read_symmetry(src: Source) -> tuple[np.ndarray, np.ndarray, str]:
         if not ops and not hm and number_field is not None:
             number = src.optional_number(number_field, 0, "a space-group number 1–230")
             sg = gemmi.find_spacegroup_by_number(int(number)) if number else None
-            if sg is None or number != int(number):
+            if sg is None or number is None or number != int(number):
                 raise src.value_error(number_field, 0, "is not a space-group number (1–230)")
             ops, name = list(sg.operations()), sg.xhm()
         if not ops:
@@ -174,9 +175,9 @@ def _read_atoms(src: Source, cell: tuple[float, ...]) -> _Atoms:
     occ_f = src.get("_atom_site_occupancy")
     uiso_f = src.get("_atom_site_u_iso_or_equiv")
     biso_f = src.get("_atom_site_b_iso_or_equiv")
-    for tag, f in (("_atom_site_fract_y", fy), ("_atom_site_fract_z", fz)):
-        if f is None:
-            raise EdkitError(f"{src.path}: {tag} is missing; atom sites need x, y and z")
+    if fy is None or fz is None:
+        tag = "_atom_site_fract_y" if fy is None else "_atom_site_fract_z"
+        raise EdkitError(f"{src.path}: {tag} is missing; atom sites need x, y and z")
     for f in (fy, fz, label_f, type_f, occ_f, uiso_f, biso_f):
         if f is not None and len(f.raw) != n:
             raise EdkitError(

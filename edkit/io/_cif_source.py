@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import gemmi
 
@@ -56,8 +57,9 @@ class Source:
         self.fields: dict[str, Field] = {}
         for item in block:
             if item.pair is not None:
-                tag, raw = item.pair
-                self.fields[tag.lower()] = Field(tag, [raw], item.line_number, 0, 0)
+                # gemmi's stub types Item.pair as object; it is a (tag, value) pair of str.
+                tag, value = cast(tuple[str, str], item.pair)
+                self.fields[tag.lower()] = Field(tag, [value], item.line_number, 0, 0)
             elif item.loop is not None:
                 loop = item.loop
                 width = loop.width()

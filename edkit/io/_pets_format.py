@@ -2,6 +2,7 @@
 measurement-details keys, and the uninterpreted CIF items both carry through verbatim."""
 
 import re
+from typing import cast
 
 from gemmi import cif
 
@@ -66,7 +67,8 @@ def extra_items(block: cif.Block) -> tuple[list[str], list[str]]:
     loops: list[str] = []
     for item in block:
         if item.pair is not None:
-            tag, value = item.pair
+            # gemmi's stub types Item.pair as object; it is a (tag, value) pair of str.
+            tag, value = cast(tuple[str, str], item.pair)
             if tag.lower() not in known:
                 pairs.append(f"{tag}\n{value}" if value.startswith(";") else f"{tag} {value}")
         elif item.loop is not None:

@@ -47,6 +47,13 @@ class _MLP(nnx.Module):
             ]
         )
 
+    def set_last_bias(self, bias: jax.Array) -> None:
+        """Overwrite the last layer's bias (its initial output)."""
+        last = self.layers[-1].bias
+        if last is None:  # unreachable: every layer is built with use_bias=True (the default)
+            raise EdkitError("_MLP: the last layer has no bias")
+        last[...] = bias
+
     def __call__(self, x: jax.Array) -> jax.Array:
         *hidden, last = self.layers
         for layer in hidden:
@@ -94,7 +101,7 @@ class ProfileNet(ThicknessModel):
         self.mlp = _MLP([1, hidden, hidden, 2], last_scale=1e-2, dtype=dtype, rngs=rngs)
         sigma_raw = np.log(np.expm1(self.initial_spread))  # softplus⁻¹(0.05)
         bias = np.array([unbounded(initial, self.lower, self.upper), sigma_raw])
-        self.mlp.layers[-1].bias[...] = jnp.asarray(bias, dtype)
+        self.mlp.set_last_bias(jnp.asarray(bias, dtype))
         if self.spread:
             if n_nodes < 1:
                 raise EdkitError(f"ProfileNet: n_nodes must be ≥ 1, got {n_nodes}")
@@ -123,7 +130,7 @@ class ProfileNet(ThicknessModel):
         return values, weights
 
 
-def _orthonormal_frame(normal: np.ndarray) -> np.ndarray:
+def _orthonormal_frame(normal: np.ndarray | Sequence[float]) -> np.ndarray:
     """Rows e1, e2, n: a right-handed orthonormal basis with n along ``normal``."""
     n = np.asarray(normal, dtype=float)
     norm = np.linalg.norm(n)
@@ -185,7 +192,7 @@ class ThicknessMap(ThicknessModel):
         self.basis = tuple(tuple(float(v) for v in row) for row in basis)
         self.mlp = _MLP([2, hidden, hidden, 1], last_scale=1e-2, dtype=dtype, rngs=rngs)
         bias = np.array([unbounded(initial, self.lower, self.upper)])
-        self.mlp.layers[-1].bias[...] = jnp.asarray(bias, dtype)
+        self.mlp.set_last_bias(jnp.asarray(bias, dtype))
         self.tilt = nnx.Param(jnp.zeros(2, dtype))
 
     @property

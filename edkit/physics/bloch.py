@@ -13,6 +13,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 AbsorptionMethod = Literal["eig", "expm", "perturbative"]
@@ -24,7 +25,7 @@ EIGENSYSTEM = "edkit_eigensystem"
 KEEP_EIGENSYSTEMS = jax.checkpoint_policies.save_only_these_names(EIGENSYSTEM)
 
 
-def excitation_errors(g: jax.Array, k_hat: jax.Array, k_mag: float | jax.Array) -> jax.Array:
+def excitation_errors[A: (np.ndarray, jax.Array)](g: A, k_hat: A, k_mag: float | A) -> A:
     """Excitation errors S_g = (K² − |K + g|²)/(2K) in Å⁻¹, positive inside the Ewald sphere.
 
     The one definition, for JAX and numpy alike: numpy inputs give a float64 numpy result (the

@@ -157,13 +157,18 @@ def frame_intensities(
         pair_in = weak.valid[:, None] & valid[None, :]
         coupling_out = jnp.where(pair_out, weak.potential_out, 0.0)
         coupling_in = jnp.where(pair_in, weak.potential_in, 0.0)
-        if absorptive is not None and weak.absorptive_out is not None:
+        if (
+            absorptive is not None
+            and weak.absorptive_out is not None
+            and weak.absorptive_in is not None
+        ):
             coupling_out = coupling_out + 1j * jnp.where(pair_out, weak.absorptive_out, 0.0)
             coupling_in = coupling_in + 1j * jnp.where(pair_in, weak.absorptive_in, 0.0)
 
     n_sub = k_hats.shape[0]
-    shared = weak is not None and bethe_terms is not None and bethe_terms < n_sub
-    if shared:
+    shared = False
+    if weak is not None and bethe_terms is not None and bethe_terms < n_sub:
+        shared = True
         basis, fit = chebyshev_fit(n_sub, bethe_terms)
         s_weak = jax.vmap(lambda k: bloch.excitation_errors(weak.g_cart, k, k_mag))(k_hats)
         s_weak = jnp.where(weak.valid[None, :], s_weak, INERT_EXCITATION_ERROR)

@@ -85,7 +85,9 @@ def lobato_parameters(
     return a[z - 1], b[z - 1]
 
 
-def lobato_form_factor(a: jax.Array, b: jax.Array, g: jax.Array) -> jax.Array:
+def lobato_form_factor(
+    a: jax.Array | np.ndarray, b: jax.Array | np.ndarray, g: jax.Array | np.ndarray
+) -> jax.Array:
     """Electron scattering factor f(g) in Å, Lobato–Van Dyck form (science.md §3).
 
     f(g) = Σᵢ aᵢ (2 + bᵢ g²) / (1 + bᵢ g²)². Pure ``jax.numpy``, differentiable in a, b and g

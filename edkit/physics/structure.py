@@ -17,7 +17,8 @@ from edkit.physics.structure_factors import expand_to_cell, structure_factors
 
 
 class StructureTables(NamedTuple):
-    """Fixed data of a crystal (float64 numpy arrays; hashable shapes for jit).
+    """Fixed data of a crystal (float64 numpy arrays, or their device copies in a refinement
+    problem; hashable shapes for jit).
 
     Attributes:
       rotations: (n_ops, 3, 3); translations: (n_ops, 3): space-group operators (fractional).
@@ -28,16 +29,16 @@ class StructureTables(NamedTuple):
       real_basis: rows a, b, c in crystal-Cartesian axes (a along x, b in xy), Å, (3, 3).
     """
 
-    rotations: np.ndarray
-    translations: np.ndarray
-    site_atom: np.ndarray
-    site_op: np.ndarray
-    lobato_a: np.ndarray
-    lobato_b: np.ndarray
-    reciprocal_metric: np.ndarray
-    volume: np.ndarray
-    reciprocal_basis: np.ndarray
-    real_basis: np.ndarray
+    rotations: np.ndarray | jax.Array
+    translations: np.ndarray | jax.Array
+    site_atom: np.ndarray | jax.Array
+    site_op: np.ndarray | jax.Array
+    lobato_a: np.ndarray | jax.Array
+    lobato_b: np.ndarray | jax.Array
+    reciprocal_metric: np.ndarray | jax.Array
+    volume: np.ndarray | jax.Array
+    reciprocal_basis: np.ndarray | jax.Array
+    real_basis: np.ndarray | jax.Array
 
 
 class StructureParams(NamedTuple):
@@ -49,9 +50,9 @@ class StructureParams(NamedTuple):
       occupancy: (n_asu,).
     """
 
-    fract: jax.Array
-    u_star: jax.Array
-    occupancy: jax.Array
+    fract: jax.Array | np.ndarray
+    u_star: jax.Array | np.ndarray
+    occupancy: jax.Array | np.ndarray
 
 
 def structure_tables(crystal: Crystal) -> StructureTables:
@@ -90,7 +91,7 @@ def centric_at_origin(tables: StructureTables, tolerance: float = 1e-9) -> bool:
 
 
 def structure_factors_of(
-    params: StructureParams, tables: StructureTables, hkl: jax.Array
+    params: StructureParams, tables: StructureTables, hkl: jax.Array | np.ndarray
 ) -> jax.Array:
     """F(h) in Å⁻² (complex, shape (n_hkl,)) of the structure ``params`` for Miller indices hkl."""
     fract, u_star, occupancy = expand_to_cell(

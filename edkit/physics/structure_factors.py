@@ -6,6 +6,7 @@ F(h) = (1/Ω) Σⱼ occⱼ fⱼ(|g|) exp(−2π² hᵀU*ⱼh) exp(+2πi h·xⱼ)
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from edkit.physics.scattering import lobato_form_factor
 
@@ -14,10 +15,10 @@ def expand_to_cell(
     fract: jax.Array,
     u_star: jax.Array,
     occupancy: jax.Array,
-    rotations: jax.Array,
-    translations: jax.Array,
-    site_atom: jax.Array,
-    site_op: jax.Array,
+    rotations: jax.Array | np.ndarray,
+    translations: jax.Array | np.ndarray,
+    site_atom: jax.Array | np.ndarray,
+    site_op: jax.Array | np.ndarray,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Apply the space-group operators that generate each unit-cell atom.
 
@@ -42,14 +43,14 @@ def expand_to_cell(
 
 
 def structure_factors(
-    hkl: jax.Array,
-    reciprocal_metric: jax.Array,
-    volume: float | jax.Array,
+    hkl: jax.Array | np.ndarray,
+    reciprocal_metric: jax.Array | np.ndarray,
+    volume: float | jax.Array | np.ndarray,
     fract: jax.Array,
     u_star: jax.Array,
     occupancy: jax.Array,
-    lobato_a: jax.Array,
-    lobato_b: jax.Array,
+    lobato_a: jax.Array | np.ndarray,
+    lobato_b: jax.Array | np.ndarray,
 ) -> jax.Array:
     """Structure factors F(h) in Å⁻² for a list of Miller indices (science.md §3).
 

@@ -85,8 +85,8 @@ def make_pattern_model(
 
     k0 = float(wave_number(params0))
     hkl = select_beams(
-        tables.reciprocal_basis, np.asarray(beam_direction(tables.real_basis, zone_axis)), k0,
-        g_max, sg_max,
+        np.asarray(tables.reciprocal_basis),
+        np.asarray(beam_direction(tables.real_basis, zone_axis)), k0, g_max, sg_max,
     )  # fmt: skip
     differences, index = coupling_indices(hkl)
     g_cart = jnp.asarray(hkl @ tables.reciprocal_basis)

@@ -15,12 +15,14 @@ needs is fetched from cdn.bokeh.org or cdn.holoviz.org.
 
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import holoviews as hv
 import panel as pn
 from bokeh.document import Document
-from bokeh.models import ColumnDataSource, ImportedStyleSheet, InlineStyleSheet, UIElement
+from bokeh.models import ColumnDataSource, ImportedStyleSheet, InlineStyleSheet
+from bokeh.models.ui import UIElement
 from jupyter_bokeh.widgets import BokehModel
 from panel.io.resources import CDN_DIST, DIST_DIR, set_resource_mode
 
@@ -53,7 +55,8 @@ def extension(*, force: bool = False) -> None:
     global _loaded
     if _loaded and not force:
         return
-    pn.config.inline = True
+    # panel's _config.__setattr__ stores it; mypy sees only the read-only property
+    pn.config.inline = True  # type: ignore[misc]
     # HoloViews first: its notebook hooks make plain HoloViews objects render as Bokeh plots;
     # Panel then adds its own models to the (already inline) BokehJS.
     hv.extension("bokeh", inline=True, logo=False)
@@ -79,6 +82,7 @@ def inline_stylesheets(root: Any, doc: Document | None = None) -> None:
 
     With Panel ≥ 1.9 the document is also registered so that later updates stay inline.
     """
+    patch_inline_stylesheets: Callable[[Any, Document | None], Any] | None
     try:  # Panel's own helper registers ``doc`` for later updates
         from panel.io.notebook import patch_inline_stylesheets
     except ImportError:  # pragma: no cover - older Panel
