@@ -1,7 +1,9 @@
 """Refinement epoch benchmark on the real quartz settings, method against method in one run.
 
 One epoch = value and gradient of the refinement loss over all frames (99 frames × the default
-sub-orientations, g_max 1.6 Å⁻¹, profile-net thickness). Each method runs in its own process
+sub-orientations, g_max 1.6 Å⁻¹, profile-net thickness), streamed chunk by chunk of frames as
+``Refinement`` does it (``edkit.refine.core.value_and_grad``; chunks chosen by the memory
+planner). Each method runs in its own process
 (so its peak memory is its own) and prints: seconds per epoch, the forward pass alone, their
 ratio, the number of eigendecompositions and their mean size, the peak resident memory, and the
 epoch's ratio to the first method (the first refinement version: every beam with |S_g| ≤ 0.015
@@ -21,10 +23,11 @@ import sys
 import time
 
 import jax
-from flax import nnx
 from timing import best_time  # benchmarks/timing.py (script dir on sys.path)
 
 import edkit
+from edkit.refine import core
+from edkit.refine.problem import build_problem
 
 #: name → (Refinement options, pad every frame to the largest bucket, description)
 METHODS: dict[str, tuple[dict, bool, str]] = {
@@ -64,21 +67,25 @@ def measure(name: str, every: int, repeats: int, devices: int) -> dict:
         crystal, data, thickness="profile-net", devices=devices, **options
     )
     if one_size:  # the first version: no buckets, every frame at the largest size
-        setup = dataclasses.replace(refinement.setup, buckets=(), bucket_sizes=())
-        refinement.setup = setup
-        refinement.context = dataclasses.replace(refinement.context, setup=setup)
+        refinement.setup = dataclasses.replace(refinement.setup, buckets=(), bucket_sizes=())
+        old = refinement.problem
+        refinement.problem = build_problem(
+            refinement.setup, refinement.i_obs, refinement.sigma, refinement.train_mask,
+            refinement.validation_mask, tables=old.tables, features=old.features,
+            mapping=old.mapping, graphdef=old.graphdef, optimizer=old.optimizer,
+            config=old.config, objective=old.objective,
+            chunk_frames=refinement.memory_plan.chunk_frames,
+        )  # fmt: skip
     setup_seconds = time.perf_counter() - start
-    setup = refinement.setup
+    setup, problem = refinement.setup, refinement.problem
     with jax.enable_x64(True):
-        forward = jax.jit(lambda s: nnx.merge(refinement.graphdef, s)(refinement.context).i_calc)
-        value_and_grad = jax.jit(jax.value_and_grad(lambda s: refinement._loss_terms(s)[0]))
         state = refinement.state
         start = time.perf_counter()
-        jax.block_until_ready(forward(state))
-        jax.block_until_ready(value_and_grad(state))
+        jax.block_until_ready(core.predict(state, problem))
+        jax.block_until_ready(core.value_and_grad(state, problem))
         compile_seconds = time.perf_counter() - start
-        t_forward = best_time(lambda: forward(state), repeats)
-        t_epoch = best_time(lambda: value_and_grad(state), repeats)
+        t_forward = best_time(lambda: core.predict(state, problem), repeats)
+        t_epoch = best_time(lambda: core.value_and_grad(state, problem), repeats)
     sizes = (
         [setup.hkl.shape[1]] * setup.n_frames
         if not setup.buckets
@@ -96,6 +103,7 @@ def measure(name: str, every: int, repeats: int, devices: int) -> dict:
         "compile": compile_seconds,
         "forward": t_forward,
         "epoch": t_epoch,
+        "chunks": len(problem.chunks),
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 

@@ -63,7 +63,7 @@ def save(refinement: "Refinement", folder: Path) -> Path:
         "initial_thickness": [float(t) for t in refinement.initial_thickness],
     }
     _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
-    arrays = {}
+    arrays: dict[str, Any] = {}
     trees = (
         ("state", refinement.state),
         ("opt", refinement.opt_state),

@@ -131,6 +131,8 @@ class StructureLeastSquares:
                 normal, gradient, cost = n_c, g_c, c_c
             else:
                 normal, gradient, cost = normal + n_c, gradient + g_c, cost + c_c
+        if normal is None or gradient is None or cost is None:  # unreachable: chunks ≥ 1
+            raise EdkitError("the problem has no chunks")
         return NormalEquations(
             np.asarray(normal), np.asarray(gradient), float(cost), self.n_residuals
         )

@@ -6,9 +6,9 @@ working set of one chunk's value and gradient. That working set is modelled per 
 padded beam count n, weak-beam count n_w, sub-orientations n_s, thickness nodes n_t, the
 solve's element size and what the backward pass keeps (``remat``):
 
-* kept for the gradient per sub-orientation: about ``KEEP`` n² elements (everything: the
-  matrix, its eigenvectors, the Daleckii–Krein factors), or n² + n (eigensystems only);
-* transient while one batch of frames is solved: about ``WORK`` n² elements per solve;
+* kept for the gradient per sub-orientation: about ``FULL_BYTES`` per n² (everything: the
+  matrix, its eigenvectors, the Daleckii–Krein factors), or n² + n elements (eigensystems only);
+* transient while a rematerialised (sub-)batch is solved: about ``WORK_BYTES`` per n² per solve;
 * the Bethe tables: U and U' between strong and weak beams, 2·n·n_w complex per frame, and
   ``bethe_terms`` n² correction matrices.
 
@@ -25,16 +25,21 @@ import numpy as np
 
 from edkit.errors import EdkitError
 from edkit.simulate.setup import FrameSetup
-from edkit.simulate.stack import bucket_layout, sub_batch_size
+from edkit.simulate.stack import Remat, bucket_layout, sub_batch_size
 
-#: n² arrays kept per sub-orientation for the gradient without rematerialisation.
-KEEP = 6.0
-#: n² arrays alive per solve while a batch of frames is being solved.
-WORK = 8.0
+#: Bytes per n² per solve (double precision) of a frame's value and gradient when the backward
+#: pass keeps everything: 155–190 measured (real and complex solves alike; a real solve's
+#: propagation is still complex).
+FULL_BYTES = 190.0
+#: Bytes per n² per solve alive while a rematerialised (sub-)batch is solved: 180–225 measured.
+WORK_BYTES = 210.0
 #: Bytes of the process before any data (Python, JAX runtime, compiled code).
 RUNTIME_BYTES = 0.6e9
 #: Fraction of the available memory the default budget takes.
 DEFAULT_FRACTION = 0.7
+#: A chunk's working set is kept below this (when the budget allows more): beyond a few frames
+#: per chunk nothing is gained in speed, and a lean step leaves room for the rest of the session.
+CHUNK_TARGET_BYTES = 1.0e9
 
 
 def available_memory() -> float:
@@ -74,7 +79,7 @@ class MemoryPlan:
     """
 
     chunk_frames: int
-    remat: bool | str
+    remat: Remat
     budget_bytes: float
     fixed_bytes: float
     frame_bytes: float
@@ -107,34 +112,39 @@ def frame_bytes(
     *,
     real: bool,
     single: bool,
-    remat: bool | str,
+    remat: Remat,
     bethe_terms: int | None,
     sub_batch: int | None,
 ) -> tuple[float, float]:
-    """(kept, transient) bytes of one frame's value and gradient (see the module docstring)."""
+    """(kept, transient) bytes of one frame's value and gradient (see the module docstring).
+
+    ``kept`` stays for the whole chunk (per frame); ``transient`` is alive while one frame of a
+    vectorised batch is solved (multiply by the frames solved together).
+    """
+    scale = 0.5 if single else 1.0
     e = element_bytes(real, single)
-    complex_bytes = 16
-    bethe = 2.0 * n * n_w * complex_bytes * 3 + (bethe_terms or 0) * n * n * e * 2
     per_solve = n * n + n * n_t
+    bethe = 2.0 * n * n_w * 16 * 3 + (bethe_terms or 0) * n * n * e * 2
+    kept: float
     if sub_batch is not None:  # sub-orientation chunks keep only their eigensystems
         kept = n_sub * (n * n + n) * e
-        transient = sub_batch * WORK * per_solve * e
+        transient = sub_batch * WORK_BYTES * scale * per_solve
     elif remat is True:
         kept = 0.0
-        transient = n_sub * (KEEP + WORK) * per_solve * e
+        transient = n_sub * FULL_BYTES * scale * per_solve
     elif remat == "eigensystems":
         kept = n_sub * (n * n + n) * e
-        transient = n_sub * WORK * per_solve * e
+        transient = n_sub * WORK_BYTES * scale * per_solve
     else:
-        kept = n_sub * KEEP * per_solve * e
-        transient = n_sub * WORK * per_solve * e
+        kept = n_sub * FULL_BYTES * scale * per_solve
+        transient = 0.0
     return kept + bethe, transient
 
 
 def setup_bytes(setup: FrameSetup) -> float:
     """Host and device copies of the set-up's beam tables and the F-sized arrays."""
     tables = setup.coupling.nbytes + setup.hkl.nbytes
-    if setup.coupling_out is not None:
+    if setup.coupling_out is not None and setup.coupling_in is not None:
         tables += setup.coupling_out.nbytes + setup.coupling_in.nbytes
     f_arrays = setup.differences.shape[0] * (16 * 8 + 24)  # F, its cotangents, tangents, hkl
     return 2.0 * tables + f_arrays
@@ -145,11 +155,12 @@ def plan_memory(
     *,
     n_t: int = 2,
     precision: str = "double",
-    remat: bool | str | None = None,
+    remat: Remat | None = None,
     chunk_frames: int | None = None,
     batch_size: int = 8,
     memory_limit: float | None = None,
     n_parameters: int = 0,
+    devices: int = 1,
 ) -> MemoryPlan:
     """Choose frames per chunk (and ``remat`` when None) so that a step fits the budget.
 
@@ -161,6 +172,8 @@ def plan_memory(
       batch_size: frames vectorised together.
       memory_limit: the budget, bytes; None: ``DEFAULT_FRACTION`` of :func:`available_memory`.
       n_parameters: size of the LM normal matrix side (its n_par² is negligible otherwise).
+      devices: frames of a chunk are sharded over this many devices, so a chunk holds a
+        multiple of it (on CPU the forced devices share one memory, as planned here).
 
     Raises:
       EdkitError: one frame alone does not fit, naming the bytes needed and what to change.
@@ -176,7 +189,7 @@ def plan_memory(
     _, n, n_w = largest
     n_w = int(n_w or 0)
 
-    def per_frame(choice: bool | str, frames: int) -> tuple[float, float]:
+    def per_frame(choice: Remat, frames: int) -> tuple[float, float]:
         sub_batch = sub_batch_size(frames, n, n_sub, batch_size)
         kept, transient = frame_bytes(
             n, n_w, n_sub, n_t, real=real, single=single, remat=choice,
@@ -184,7 +197,7 @@ def plan_memory(
         )  # fmt: skip
         return kept, transient * min(batch_size, frames)
 
-    choices = [remat] if remat is not None else [False, "eigensystems", True]
+    choices: list[Remat] = [remat] if remat is not None else [False, "eigensystems", True]
     n_frames = setup.n_frames
     best = None
     for choice in choices:
@@ -197,7 +210,8 @@ def plan_memory(
                 if candidate > n_frames:
                     break
                 kept, batch = per_frame(choice, candidate)
-                if fixed + candidate * kept + batch <= budget:
+                working = candidate * kept + batch
+                if fixed + working <= budget and (working <= CHUNK_TARGET_BYTES or candidate == 1):
                     c = candidate
             if c == 0:  # not even one frame fits: remember the leanest choice for the message
                 kept, batch = per_frame(choice, 1)
@@ -209,6 +223,8 @@ def plan_memory(
             break
     assert best is not None
     choice, c, kept, batch = best
+    if devices > 1 and chunk_frames is None:
+        c = -(-c // devices) * devices
     peak = fixed + c * kept + batch
     n_chunks = sum(-(-len(frames) // c) for frames, _, _ in layout)
     plan = MemoryPlan(

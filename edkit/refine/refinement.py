@@ -110,10 +110,11 @@ class Refinement:
             chunk_frames=opts.chunk_frames, batch_size=opts.batch_size,
             memory_limit=opts.memory_limit,
             n_parameters=int(self.mapping.position_mask.sum() + self.mapping.adp_mask.sum()),
+            devices=opts.devices,
         )  # fmt: skip
         self.features = _features(dataset, self.setup)
         self._init_data_arrays()
-        self.thickness_search_result = None
+        self.thickness_search_result: xr.Dataset | None = None
         if initial_thickness is None:
             initial_thickness = self._grid_search_thickness()
         self.initial_thickness = np.asarray(initial_thickness, dtype=np.float64)
@@ -285,7 +286,7 @@ class Refinement:
             fract = np.asarray(model.structure(self.mapping).fract)
             values, weights = model.thickness(self.features)
             u_cif = np.asarray(self.mapping.u_cif(model.adp[...]))
-        record = {
+        record: dict[str, Any] = {
             "step": self.step_count,
             "loss": loss,
             "validation_loss": val,
@@ -381,8 +382,7 @@ class Refinement:
     def thickness(self) -> xr.DataArray:
         """Mean thickness per frame (Å), with the spread and the grid-search values as coords."""
         with jax.enable_x64(True):
-            values, weights = self.model.thickness(self.features)
-            values, weights = np.asarray(values), np.asarray(weights)
+            values, weights = map(np.asarray, self.model.thickness(self.features))
         mean = np.sum(values * weights, axis=1)
         spread = np.sqrt(np.maximum(np.sum(weights * (values - mean[:, None]) ** 2, axis=1), 0))
         return xr.DataArray(

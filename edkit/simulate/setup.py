@@ -308,17 +308,17 @@ def _coupling_indices(
     padding = int(np.searchsorted(unique, zero[0]))
     n_f = len(frame_beams)
     coupling = np.full((n_f, size, size), padding, dtype=np.int32)
-    coupling_out = coupling_in = None
-    if frame_weak is not None:
-        coupling_out = np.full((n_f, size, weak_size), padding, dtype=np.int32)
-        coupling_in = np.full((n_f, weak_size, size), padding, dtype=np.int32)
     for f, frame_blocks in enumerate(blocks):
         n = len(frame_beams[f])
         coupling[f, :n, :n] = np.searchsorted(unique, frame_blocks[0])
-        if frame_weak is not None:
-            n_w = len(frame_weak[f])
-            coupling_out[f, :n, :n_w] = np.searchsorted(unique, frame_blocks[1])
-            coupling_in[f, :n_w, :n] = np.searchsorted(unique, frame_blocks[2])
+    if frame_weak is None or weak_size is None:
+        return differences, coupling, None, None
+    coupling_out = np.full((n_f, size, weak_size), padding, dtype=np.int32)
+    coupling_in = np.full((n_f, weak_size, size), padding, dtype=np.int32)
+    for f, frame_blocks in enumerate(blocks):
+        n, n_w = len(frame_beams[f]), len(frame_weak[f])
+        coupling_out[f, :n, :n_w] = np.searchsorted(unique, frame_blocks[1])
+        coupling_in[f, :n_w, :n] = np.searchsorted(unique, frame_blocks[2])
     return differences, coupling, coupling_out, coupling_in
 
 

@@ -108,7 +108,13 @@ def frame_arrays(
         setup.valid[frames, :size],
         setup.coupling[frames, :size, :size],
     )
-    if setup.weak_hkl is None or weak_size is None:
+    if (
+        setup.weak_hkl is None
+        or setup.weak_valid is None
+        or setup.coupling_out is None
+        or setup.coupling_in is None
+        or weak_size is None
+    ):
         return arrays
     return arrays._replace(
         weak_hkl=setup.weak_hkl[frames, :weak_size],
@@ -144,7 +150,7 @@ def sub_batch_size(n_frames: int, size: int, n_sub: int, batch_size: int) -> int
 
 def stack_frames(
     pot: Potentials,
-    reciprocal: jax.Array,
+    reciprocal: jax.Array | np.ndarray,
     arrays: FrameArrays,
     thickness: jax.Array,
     corrections: jax.Array,
@@ -211,7 +217,7 @@ def stack_frames(
             lambda x: frame_function(x, shared, sub_batch), inputs, batch_size=config.batch_size
         )
 
-    inputs = (*arrays[:6], thickness, corrections)
+    inputs: tuple[Any, ...] = (*arrays[:6], thickness, corrections)
     if has_weak:
         inputs = (*inputs, *arrays[6:])
     inputs = tuple(jnp.asarray(x) for x in inputs)
