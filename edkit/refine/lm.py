@@ -187,3 +187,24 @@ def covariance(equations: NormalEquations, n_free: int) -> tuple[np.ndarray, flo
     dof = max(equations.n_residuals - n_free, 1)
     gof = float(np.sqrt(equations.cost / dof))
     return np.linalg.pinv(equations.normal) * gof**2, gof
+
+
+def standard_uncertainties(
+    mapping: Any, pos_mask: np.ndarray, adp_mask: np.ndarray, cov: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """s.u.'s of fractional coordinates (n, 3) and of U^cif 6-vectors (n, 6) from the
+    covariance of the free coefficients (positions first), through each atom's basis."""
+    n_pos = int(pos_mask.sum())
+    n_atoms = mapping.fract0.shape[0]
+    fract_su, u_su = np.zeros((n_atoms, 3)), np.zeros((n_atoms, 6))
+    blocks = (
+        (pos_mask, cov[:n_pos, :n_pos], mapping.position_basis, fract_su),
+        (adp_mask, cov[n_pos:, n_pos:], mapping.adp_basis, u_su),
+    )
+    for free, block, basis, out in blocks:
+        index = np.argwhere(free)  # (k, 2): atom, coefficient
+        for atom in np.unique(index[:, 0]) if len(index) else []:
+            rows = np.nonzero(index[:, 0] == atom)[0]
+            b = basis[atom][:, index[rows, 1]]
+            out[atom] = np.sqrt(np.maximum(np.diag(b @ block[np.ix_(rows, rows)] @ b.T), 0))
+    return fract_su, u_su

@@ -21,7 +21,8 @@ from edkit.models.parameters import StructureMapping
 from edkit.models.thickness import FrameFeatures
 from edkit.physics.structure import StructureTables
 from edkit.simulate.setup import FrameSetup
-from edkit.simulate.stack import FrameArrays, StackConfig, chunk_layout, frame_arrays
+from edkit.simulate.stack import FrameArrays, StackConfig, frame_arrays
+from edkit.simulate.stream import chunk_layout
 
 
 class Chunk(NamedTuple):

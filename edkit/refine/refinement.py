@@ -24,31 +24,21 @@ from edkit.crystal import Crystal, adp_matrix, ueq
 from edkit.errors import EdkitError
 from edkit.io.cif import write_cif
 from edkit.models.hybrid import HybridModel
-from edkit.models.parameters import structure_mapping
-from edkit.models.thickness import (
-    FrameFeatures,
-    check_finite,
-    fit_to_thickness,
-    frame_features,
-    make_thickness_model,
-)
-from edkit.physics.geometry import frame_orientations
-from edkit.physics.rocking import LAB_BEAM
-from edkit.physics.structure import structure_tables
+from edkit.models.parameters import StructureMapping
+from edkit.models.thickness import FrameFeatures
 from edkit.precision import x64
-from edkit.refine import checkpoint, core, lm
+from edkit.refine import checkpoint, core, lm, results
 from edkit.refine.options import (
-    DEFAULT_LEARNING_RATES,
     GROUPS,
     RefinementOptions,
     options_from,
     parse_memory,
 )
-from edkit.refine.planner import MemoryPlan, plan_memory
-from edkit.refine.problem import build_problem
+from edkit.refine.planner import MemoryPlan
+from edkit.refine.prepare import prepare
+from edkit.refine.problem import Problem
 from edkit.refine.results import figures, history_dataset
-from edkit.simulate.frames import FrameSetup, build_frame_setup, frame_comparison, thickness_search
-from edkit.simulate.stack import stack_config
+from edkit.simulate.frames import FrameSetup, frame_comparison
 
 
 class Refinement:
@@ -78,6 +68,23 @@ class Refinement:
         problem whose single frame does not fit the memory budget (before any heavy work).
     """
 
+    # Set by :func:`edkit.refine.prepare.prepare` (see :class:`~edkit.refine.prepare.Prepared`).
+    setup: FrameSetup
+    mapping: StructureMapping
+    memory_plan: MemoryPlan
+    features: FrameFeatures
+    i_obs: np.ndarray
+    sigma: np.ndarray
+    validation_frames: np.ndarray
+    train_mask: np.ndarray
+    validation_mask: np.ndarray
+    thickness_search_result: xr.Dataset | None
+    initial_thickness: np.ndarray
+    graphdef: Any
+    base_learning_rates: dict[str, float]
+    enabled: dict[str, bool]
+    problem: Problem
+
     @x64
     def __init__(self, crystal: Crystal, dataset: xr.Dataset, **options: Any) -> None:
         if isinstance(options.get("memory_limit"), str):
@@ -94,49 +101,11 @@ class Refinement:
     ) -> None:
         """Everything fixed, in one place for a new refinement and a loaded checkpoint."""
         self.options, self.start_crystal, self.dataset = options, crystal, dataset
-        opts = options
-        self.setup: FrameSetup = build_frame_setup(
-            crystal, dataset, g_max=opts.g_max, sg_max=opts.sg_max, n_sub=opts.n_sub,
-            sg_weak=opts.sg_weak, bethe_terms=opts.bethe_terms,
-        )  # fmt: skip
-        if not self.setup.scored.any():
-            raise EdkitError(
-                f"no reflection of {dataset.attrs.get('source_file', 'the dataset')} is "
-                "scored (Klar selection); check g_max, the orientation matrix and the cell"
-            )
-        self.mapping = structure_mapping(crystal, riding=opts.riding)
-        self.memory_plan: MemoryPlan = plan_memory(
-            self.setup, n_t=2, precision=opts.precision, remat=opts.remat,
-            chunk_frames=opts.chunk_frames, batch_size=opts.batch_size,
-            memory_limit=opts.memory_limit,
-            n_parameters=int(self.mapping.position_mask.sum() + self.mapping.adp_mask.sum()),
-            devices=opts.devices,
-        )  # fmt: skip
-        self.features = _features(dataset, self.setup)
-        self._init_data_arrays()
-        self.thickness_search_result: xr.Dataset | None = None
-        if initial_thickness is None:
-            initial_thickness = self._grid_search_thickness()
-        self.initial_thickness = np.asarray(initial_thickness, dtype=np.float64)
-        model = self._build_model(self.initial_thickness)
-        self.graphdef, params = nnx.split(model, nnx.Param)
-        rates = {**DEFAULT_LEARNING_RATES, **opts.learning_rates}
-        self.base_learning_rates = {g: float(rates[g]) for g in GROUPS}
-        self.enabled = {g: g in opts.refine for g in GROUPS}
-        plan = self.memory_plan
-        self.problem = build_problem(
-            self.setup, self.i_obs, self.sigma, self.train_mask, self.validation_mask,
-            tables=structure_tables(crystal), features=self.features, mapping=self.mapping,
-            graphdef=self.graphdef,
-            optimizer=core.make_optimizer(params, GROUPS, self.base_learning_rates,
-                                          opts.decay_steps),
-            config=stack_config(
-                self.setup, opts.absorption is not None, "eig",
-                jnp.complex64 if opts.precision == "single" else None, opts.batch_size,
-                plan.remat, opts.devices,
-            ),
-            objective=opts.objective, chunk_frames=plan.chunk_frames,
-        )  # fmt: skip
+        prepared = prepare(crystal, dataset, options, initial_thickness)
+        params = prepared.params
+        for name, value in vars(prepared).items():
+            if name != "params":
+                setattr(self, name, value)
         self._core_state = core.init(params, self.problem)
         self.step_count = 0
         self.seconds = 0.0
@@ -148,52 +117,6 @@ class Refinement:
         self.last_uncertainties: dict[str, np.ndarray] | None = None
         self._records: list[dict[str, Any]] = []
         self._least_squares: lm.StructureLeastSquares | None = None
-
-    # ------------------------------------------------------------------------------ set-up
-    def _init_data_arrays(self) -> None:
-        setup, ds = self.setup, self.dataset
-        self.i_obs = np.asarray(ds["I_obs"].values, dtype=np.float64)
-        self.sigma = np.asarray(ds["sigma"].values, dtype=np.float64)
-        validation = np.zeros(setup.n_frames, dtype=bool)
-        if self.options.validation_fraction > 0:
-            every = max(2, round(1.0 / self.options.validation_fraction))
-            validation[every // 2 :: every] = True
-        self.validation_frames = validation
-        scored = setup.scored & (self.sigma > 0)
-        self.train_mask = scored & ~validation[setup.refl_frame]
-        self.validation_mask = scored & validation[setup.refl_frame]
-
-    def _grid_search_thickness(self) -> np.ndarray:
-        start, stop, step = self.options.thickness_grid
-        grid = np.arange(start, stop + 0.5 * step, step)
-        search = thickness_search(
-            self.start_crystal, self.dataset, grid, setup=self.setup,
-            chunk_frames=self.memory_plan.chunk_frames,
-        )  # fmt: skip
-        self.thickness_search_result = search
-        best = search["thickness_best"].values
-        if not np.isfinite(best).any():
-            raise EdkitError("the thickness grid search found no frame with observed reflections")
-        return np.where(np.isfinite(best), best, np.nanmedian(best))
-
-    def _build_model(self, initial: np.ndarray) -> HybridModel:
-        opts = self.options
-        thickness = make_thickness_model(
-            opts.thickness, n_frames=self.setup.n_frames, features=self.features,
-            initial=float(np.median(initial)), rngs=nnx.Rngs(opts.seed),
-        )  # fmt: skip
-        if self.thickness_search_result is not None:
-            # Initialise the network near what the grid search found (science.md §6).
-            finite = np.isfinite(self.thickness_search_result["thickness_best"].values)
-            fit_to_thickness(thickness, self.features, jnp.asarray(initial), jnp.asarray(finite))
-        model = HybridModel(
-            self.mapping.fract0.shape[0], self.setup.n_frames, thickness,
-            absorption=opts.absorption,
-        )  # fmt: skip
-        values, weights = thickness(self.features)
-        if not check_finite(values, weights):
-            raise EdkitError(f"the {opts.thickness!r} thickness model produced non-finite values")
-        return model
 
     # ------------------------------------------------------------------------------ state
     @property
@@ -383,20 +306,9 @@ class Refinement:
         """Mean thickness per frame (Å), with the spread and the grid-search values as coords."""
         with jax.enable_x64(True):
             values, weights = map(np.asarray, self.model.thickness(self.features))
-        mean = np.sum(values * weights, axis=1)
-        spread = np.sqrt(np.maximum(np.sum(weights * (values - mean[:, None]) ** 2, axis=1), 0))
-        return xr.DataArray(
-            mean,
-            dims=("frame",),
-            coords={
-                "frame": self.setup.frame,
-                "alpha": ("frame", np.asarray(self.features.alpha), {"units": "degree"}),
-                "spread": ("frame", spread, {"units": "angstrom"}),
-                "grid_search": ("frame", self.initial_thickness, {"units": "angstrom"}),
-            },
-            name="thickness",
-            attrs={"units": "angstrom", "long_name": "mean thickness",
-                   "model": self.options.thickness},
+        return results.thickness_array(
+            values, weights, self.setup.frame, np.asarray(self.features.alpha),
+            self.initial_thickness, self.options.thickness,
         )  # fmt: skip
 
     @x64
@@ -407,14 +319,7 @@ class Refinement:
             return None
         with jax.enable_x64(True):
             x, y, h = thickness.thickness_map(resolution)
-        return xr.DataArray(
-            np.asarray(h),
-            dims=("y", "x"),
-            coords={"x": np.asarray(x)[0] if np.ndim(x) == 2 else np.asarray(x),
-                    "y": np.asarray(y)[:, 0] if np.ndim(y) == 2 else np.asarray(y)},
-            name="thickness_map",
-            attrs={"units": "angstrom", "long_name": "thickness along the platelet normal"},
-        )  # fmt: skip
+        return results.thickness_map_array(x, y, h)
 
     @x64
     def predict(self) -> np.ndarray:
@@ -504,20 +409,9 @@ class Refinement:
         """
         least_squares = self._structure_least_squares()
         cov, gof = lm.covariance(least_squares.normal_equations(self.state), least_squares.n_free)
-        pos_mask, adp_mask = least_squares.pos_mask, least_squares.adp_mask
-        n_pos = int(pos_mask.sum())
-        n_atoms = self.mapping.fract0.shape[0]
-        fract_su, u_su = np.zeros((n_atoms, 3)), np.zeros((n_atoms, 6))
-        blocks = (
-            (pos_mask, cov[:n_pos, :n_pos], self.mapping.position_basis, fract_su),
-            (adp_mask, cov[n_pos:, n_pos:], self.mapping.adp_basis, u_su),
+        fract_su, u_su = lm.standard_uncertainties(
+            self.mapping, least_squares.pos_mask, least_squares.adp_mask, cov
         )
-        for free, block, basis, out in blocks:
-            index = np.argwhere(free)  # (k, 2): atom, coefficient
-            for atom in np.unique(index[:, 0]) if len(index) else []:
-                rows = np.nonzero(index[:, 0] == atom)[0]
-                b = basis[atom][:, index[rows, 1]]
-                out[atom] = np.sqrt(np.maximum(np.diag(b @ block[np.ix_(rows, rows)] @ b.T), 0))
         result = {"fract": fract_su, "u_cif": adp_matrix(u_su), "gof": np.asarray(gof)}
         self.last_uncertainties = {**result, "steps": np.asarray(self.step_count)}
         return result
@@ -529,18 +423,7 @@ class Refinement:
         if with_uncertainties and self.n_parameters > 0:
             su = self.uncertainties()
             sigmas = {"fract": su["fract"], "u_cif": su["u_cif"]}
-        report = self.report()
-        extra = {
-            "_refine_ls_R_factor_gt": round(report["r_obs"], 5),
-            "_refine_ls_R_factor_all": round(report["r_all"], 5),
-            "_refine_ls_wR_factor_gt": round(report["wr_obs"], 5),
-            "_refine_ls_wR_factor_ref": round(report["wr_all"], 5),
-            "_refine_ls_goodness_of_fit_ref": round(report["gof"], 4),
-            "_refine_ls_number_reflns": report["n_all"],
-            "_refine_ls_number_parameters": report["n_parameters"],
-            "_refine_special_details": "edkit hybrid Bloch-wave refinement; "
-            f"mean per-frame R_obs (diffBloch) {report['r_obs_mean_frame']:.4f}",
-        }
+        extra = results.cif_figures(self.report())
         write_cif(self.crystal, path, sigmas=sigmas, extra=extra)
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -558,9 +441,3 @@ class Refinement:
             self._set_up(crystal, dataset, options, np.asarray(config["initial_thickness"]))
             checkpoint.restore(self, config, arrays, Path(path))
         return self
-
-
-def _features(dataset: xr.Dataset, setup: FrameSetup) -> FrameFeatures:
-    rotations = frame_orientations(dataset).values
-    beams = np.einsum("fji,j->fi", rotations, LAB_BEAM)  # Oᵀ(−z): electrons' direction, crystal
-    return frame_features(jnp.asarray(dataset["alpha"].values), jnp.asarray(beams))

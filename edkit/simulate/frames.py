@@ -42,9 +42,8 @@ from edkit.simulate.stack import (
     reflection_intensities,
     small_rotation,
     stack_config,
-    stream_frames,
-    thickness_nodes,
 )
+from edkit.simulate.stream import chunk_layout, stream_frames
 
 __all__ = [
     "CELL_MISMATCH",
@@ -62,6 +61,7 @@ __all__ = [
     "bucket_size",
     "build_frame_setup",
     "check_cell",
+    "chunk_layout",
     "frame_comparison",
     "frame_intensity_stack",
     "klar_selection",
@@ -74,6 +74,38 @@ __all__ = [
     "thickness_nodes",
     "thickness_search",
 ]
+
+
+def thickness_nodes(thickness: Any, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise a thickness specification to per-frame nodes and weights, each (n_f, n_t).
+
+    Accepts a scalar (Å), a per-frame array (n_f,), or a distribution ``(values, weights)`` with
+    values (n_f, n_t) or (n_t,) and matching weights (normalised per frame).
+    """
+    if isinstance(thickness, tuple) and len(thickness) == 2:
+        values = np.asarray(thickness[0], dtype=float)
+        weights = np.asarray(thickness[1], dtype=float)
+        values = np.broadcast_to(np.atleast_2d(values), (n_frames, np.atleast_2d(values).shape[-1]))
+        weights = np.broadcast_to(np.atleast_2d(weights), values.shape)
+    else:
+        values = np.asarray(thickness, dtype=float)
+        if values.ndim == 0:
+            values = np.full((n_frames, 1), float(values))
+        elif values.shape == (n_frames,):
+            values = values[:, None]
+        else:
+            raise EdkitError(
+                f"thickness of shape {values.shape}: expected a scalar, one value per frame "
+                f"({n_frames},), or a (values, weights) distribution"
+            )
+        weights = np.ones_like(values)
+    if not (np.all(np.isfinite(values)) and np.all(values >= 0)):
+        raise EdkitError("thickness: expected finite values ≥ 0 Å")
+    if not (np.all(np.isfinite(weights)) and np.all(weights >= 0)) or np.any(weights.sum(1) <= 0):
+        raise EdkitError(
+            "thickness weights: expected finite values ≥ 0 with a positive sum per frame"
+        )
+    return np.ascontiguousarray(values), weights / weights.sum(axis=1, keepdims=True)
 
 
 def simulate_frames(

@@ -1,0 +1,179 @@
+"""Building a refinement once from (crystal, dataset, options): set-up, memory plan, start.
+
+:func:`prepare` does every fixed step in order — the frame set-up, the memory plan (before any
+heavy work, so that a problem too large for the budget is refused at once), the data masks,
+the thickness grid search (streamed), the hybrid model initialised near it and the
+:class:`~edkit.refine.problem.Problem` — for a new refinement and a loaded checkpoint alike.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+from flax import nnx
+
+from edkit.crystal import Crystal
+from edkit.errors import EdkitError
+from edkit.models.hybrid import HybridModel
+from edkit.models.parameters import StructureMapping, structure_mapping
+from edkit.models.thickness import (
+    FrameFeatures,
+    check_finite,
+    fit_to_thickness,
+    frame_features,
+    make_thickness_model,
+)
+from edkit.physics.geometry import frame_orientations
+from edkit.physics.rocking import LAB_BEAM
+from edkit.physics.structure import structure_tables
+from edkit.refine import core
+from edkit.refine.options import DEFAULT_LEARNING_RATES, GROUPS, RefinementOptions
+from edkit.refine.planner import MemoryPlan, plan_memory
+from edkit.refine.problem import Problem, build_problem
+from edkit.simulate.frames import FrameSetup, build_frame_setup, thickness_search
+from edkit.simulate.stack import stack_config
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` builds (each becomes an attribute of the ``Refinement``).
+
+    Attributes:
+      setup: the frame set-up. mapping: structure coefficients → structure. memory_plan: the
+      planner's choice. features: the thickness model's per-frame inputs. i_obs, sigma: every
+      reflection, (n_refl,). validation_frames: held-out frames, (n_f,). train_mask,
+      validation_mask: scored reflections used and held out, (n_refl,).
+      thickness_search_result: the grid search (None when the start thickness was given).
+      initial_thickness: Å, (n_f,). graphdef, params: the hybrid model split. base_learning_rates,
+      enabled: per group. problem: the fixed data of the core.
+    """
+
+    setup: FrameSetup
+    mapping: StructureMapping
+    memory_plan: MemoryPlan
+    features: FrameFeatures
+    i_obs: np.ndarray
+    sigma: np.ndarray
+    validation_frames: np.ndarray
+    train_mask: np.ndarray
+    validation_mask: np.ndarray
+    thickness_search_result: xr.Dataset | None
+    initial_thickness: np.ndarray
+    graphdef: Any
+    params: Any
+    base_learning_rates: dict[str, float]
+    enabled: dict[str, bool]
+    problem: Problem
+
+
+def prepare(
+    crystal: Crystal,
+    dataset: xr.Dataset,
+    opts: RefinementOptions,
+    initial_thickness: np.ndarray | None = None,
+) -> Prepared:
+    """Build everything fixed of a refinement (see the module docstring). Call under x64.
+
+    Args:
+      crystal, dataset: the start and the data.
+      opts: checked options.
+      initial_thickness: per-frame start thickness, Å, (n_f,); None runs the grid search.
+
+    Raises:
+      EdkitError: nothing scored, a frame too large for the memory budget (before the grid
+        search), or a thickness model with non-finite output.
+    """
+    setup = build_frame_setup(
+        crystal, dataset, g_max=opts.g_max, sg_max=opts.sg_max, n_sub=opts.n_sub,
+        sg_weak=opts.sg_weak, bethe_terms=opts.bethe_terms,
+    )  # fmt: skip
+    if not setup.scored.any():
+        raise EdkitError(
+            f"no reflection of {dataset.attrs.get('source_file', 'the dataset')} is "
+            "scored (Klar selection); check g_max, the orientation matrix and the cell"
+        )
+    mapping = structure_mapping(crystal, riding=opts.riding)
+    plan = plan_memory(
+        setup, n_t=2, precision=opts.precision, remat=opts.remat,
+        chunk_frames=opts.chunk_frames, batch_size=opts.batch_size,
+        memory_limit=opts.memory_limit,
+        n_parameters=int(mapping.position_mask.sum() + mapping.adp_mask.sum()),
+        devices=opts.devices,
+    )  # fmt: skip
+    features = _features(dataset, setup)
+    i_obs = np.asarray(dataset["I_obs"].values, dtype=np.float64)
+    sigma = np.asarray(dataset["sigma"].values, dtype=np.float64)
+    validation = np.zeros(setup.n_frames, dtype=bool)
+    if opts.validation_fraction > 0:
+        every = max(2, round(1.0 / opts.validation_fraction))
+        validation[every // 2 :: every] = True
+    scored = setup.scored & (sigma > 0)
+    train_mask = scored & ~validation[setup.refl_frame]
+    validation_mask = scored & validation[setup.refl_frame]
+
+    search = None
+    if initial_thickness is None:
+        start, stop, step = opts.thickness_grid
+        grid = np.arange(start, stop + 0.5 * step, step)
+        search = thickness_search(
+            crystal, dataset, grid, setup=setup, chunk_frames=plan.chunk_frames
+        )
+        best = search["thickness_best"].values
+        if not np.isfinite(best).any():
+            raise EdkitError("the thickness grid search found no frame with observed reflections")
+        initial_thickness = np.where(np.isfinite(best), best, np.nanmedian(best))
+    initial = np.asarray(initial_thickness, dtype=np.float64)
+    model = _model(opts, setup, mapping, features, initial, search)
+    graphdef, params = nnx.split(model, nnx.Param)
+    rates = {**DEFAULT_LEARNING_RATES, **opts.learning_rates}
+    base_rates = {g: float(rates[g]) for g in GROUPS}
+    problem = build_problem(
+        setup, i_obs, sigma, train_mask, validation_mask,
+        tables=structure_tables(crystal), features=features, mapping=mapping,
+        graphdef=graphdef,
+        optimizer=core.make_optimizer(params, GROUPS, base_rates, opts.decay_steps),
+        config=stack_config(
+            setup, opts.absorption is not None, "eig",
+            jnp.complex64 if opts.precision == "single" else None, opts.batch_size,
+            plan.remat, opts.devices,
+        ),
+        objective=opts.objective, chunk_frames=plan.chunk_frames,
+    )  # fmt: skip
+    return Prepared(
+        setup, mapping, plan, features, i_obs, sigma, validation, train_mask, validation_mask,
+        search, initial, graphdef, params, base_rates, {g: g in opts.refine for g in GROUPS},
+        problem,
+    )  # fmt: skip
+
+
+def _model(
+    opts: RefinementOptions,
+    setup: FrameSetup,
+    mapping: StructureMapping,
+    features: FrameFeatures,
+    initial: np.ndarray,
+    search: xr.Dataset | None,
+) -> HybridModel:
+    thickness = make_thickness_model(
+        opts.thickness, n_frames=setup.n_frames, features=features,
+        initial=float(np.median(initial)), rngs=nnx.Rngs(opts.seed),
+    )  # fmt: skip
+    if search is not None:
+        # Initialise the network near what the grid search found (science.md §6).
+        finite = np.isfinite(search["thickness_best"].values)
+        fit_to_thickness(thickness, features, jnp.asarray(initial), jnp.asarray(finite))
+    model = HybridModel(
+        mapping.fract0.shape[0], setup.n_frames, thickness, absorption=opts.absorption
+    )
+    values, weights = thickness(features)
+    if not check_finite(values, weights):
+        raise EdkitError(f"the {opts.thickness!r} thickness model produced non-finite values")
+    return model
+
+
+def _features(dataset: xr.Dataset, setup: FrameSetup) -> FrameFeatures:
+    rotations = frame_orientations(dataset).values
+    beams = np.einsum("fji,j->fi", rotations, LAB_BEAM)  # Oᵀ(−z): electrons' direction, crystal
+    return frame_features(jnp.asarray(dataset["alpha"].values), jnp.asarray(beams))
