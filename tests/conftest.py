@@ -36,3 +36,35 @@ def inject_nan_loss(refinement, monkeypatch, at_call: int = 2) -> None:
         return new_state, measured
 
     monkeypatch.setattr(core, "step", step)
+
+
+def twenty_steps_trace_once(r) -> None:
+    """20 steps with a learning-rate change and a group switched off in between: the chunk's
+    value-and-gradient is traced once per chunk shape (or, for a problem run as one program,
+    once), the update once (optax alias_test's log_compilations idea, with a trace counter)."""
+    from edkit.refine import core
+
+    pieces = (
+        core.intermediates,
+        core.chunk_value_and_cotangent,
+        core.fused_value_and_cotangent,
+        core.apply_gradient,
+    )
+    for piece in pieces:
+        piece.clear_cache()
+    core.TRACES.clear()
+    r.step(5)
+    r.set_learning_rate("positions", 1e-3)
+    r.step(5)
+    r.set_enabled("adp", False)
+    r.step(5)
+    r.set_enabled("adp", True)
+    r.set_learning_rate("thickness", 1e-4)
+    r.step(5)
+    assert r.step_count == 20 and not r.messages
+    if r.problem.fused:
+        assert core.TRACES["fused"] == 1 and core.TRACES["chunk"] == 0
+    else:
+        assert core.TRACES["chunk"] == len(set(r.problem.chunk_shapes)) >= 1
+    assert core.TRACES["apply"] == 1
+    assert core.TRACES["intermediates"] == 1

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import twenty_steps_trace_once
 from flax import nnx
 
 from edkit import EdkitError, Refinement, metrics, read_cif, read_pets
@@ -92,6 +93,12 @@ def test_chunked_value_and_gradient_equal_the_whole_dataset_at_once(one_frame_ch
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-10 * scale
 
 
+def test_streamed_steps_trace_once_per_chunk_shape(start, dataset) -> None:
+    r = _refinement(start, dataset, 1)
+    assert not r.problem.fused and len(r.problem.chunks) == r.setup.n_frames
+    twenty_steps_trace_once(r)
+
+
 def test_chunk_sizes_give_the_same_step(one_frame_chunks, start, dataset) -> None:
     whole = _refinement(start, dataset, 64)
     assert len(whole.problem.chunks) < len(one_frame_chunks.problem.chunks)
@@ -159,7 +166,7 @@ def test_a_tiny_memory_limit_is_refused_before_any_heavy_work(start, dataset, mo
     def no_grid_search(*args, **kwargs):
         raise AssertionError("the grid search ran before the memory check")
 
-    monkeypatch.setattr("edkit.refine.refinement.thickness_search", no_grid_search)
+    monkeypatch.setattr("edkit.refine.prepare.thickness_search", no_grid_search)
     with pytest.raises(EdkitError, match=r"needs about [0-9.]+ GB .* budget is 0\.00 GB"):
         Refinement(start, dataset, g_max=G_MAX, n_sub=N_SUB, memory_limit=1e6)
     with pytest.raises(EdkitError, match="memory size"):

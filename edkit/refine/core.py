@@ -143,6 +143,34 @@ def chunk_value_and_cotangent(
     return train, validation, i_calc, cotangent
 
 
+@jax.jit
+def fused_value_and_cotangent(
+    z: Intermediates, problem: Problem
+) -> tuple[jax.Array, jax.Array, jax.Array, Intermediates]:
+    """Every chunk in one compiled program with its tables as constants (small problems,
+    ``Problem.fused``; traced once per problem): XLA folds the tables and may run independent
+    chunks concurrently. Same sums as the chunk-by-chunk loop."""
+    TRACES["fused"] += 1
+    assert problem.host is not None
+    chunks, reciprocal = problem.host.chunks, problem.tables.reciprocal_basis
+    config, objective, n_refl = problem.config, problem.objective, problem.n_refl
+    train = validation = jnp.zeros(())
+    total = None
+    i_calc = jnp.zeros(n_refl, dtype=z.thickness.dtype)
+    for chunk in chunks:
+        s_train, pullback, (s_val, i_chunk) = jax.vjp(
+            lambda z, chunk=chunk: _chunk_sums(z, chunk, reciprocal, config, objective),
+            z,
+            has_aux=True,
+        )
+        (cotangent,) = pullback(jnp.ones_like(s_train))
+        total = cotangent if total is None else jax.tree.map(jnp.add, total, cotangent)
+        train, validation = train + s_train, validation + s_val
+        i_calc = i_calc.at[chunk.refl_index].set(i_chunk, mode="drop")
+    assert total is not None
+    return train, validation, i_calc, total
+
+
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def chunk_forward(
     z: Intermediates, chunk: Chunk, reciprocal: jax.Array, config: StackConfig, objective: str
@@ -208,11 +236,7 @@ def apply_gradient(
     """Pull the summed chunk cotangent (times the loss's outer derivative ``factor``) back to the
     parameters, add the penalty's gradient and apply the optimiser (skipped if non-finite)."""
     TRACES["apply"] += 1
-    _, pullback = jax.vjp(lambda p: model_intermediates(p, problem), state.params)
-    scaled = jax.tree.map(lambda x: x * factor.astype(x.real.dtype), cotangent)
-    (grads,) = pullback(scaled)
-    penalty, penalty_grads = jax.value_and_grad(penalty_of)(state.params, problem)
-    grads = jax.tree.map(jnp.add, grads, penalty_grads)
+    penalty, grads = parameter_gradient(state.params, problem, cotangent, factor)
     updates, opt_state = problem.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     labels = group_labels(grads)
@@ -231,6 +255,8 @@ def accumulate(problem: Problem, params: Any, *, gradient: bool = True):
     I_calc (n_refl,) and, with ``gradient``, the summed cotangent of the training sum."""
     z = intermediates(params, problem)
     reciprocal = problem.tables.reciprocal_basis
+    if gradient and problem.fused:
+        return fused_value_and_cotangent(z, problem)
     train = validation = jnp.zeros(())
     total = None
     i_calc = jnp.zeros(problem.n_refl, dtype=z.thickness.dtype)
@@ -242,7 +268,7 @@ def accumulate(problem: Problem, params: Any, *, gradient: bool = True):
         else:
             s_train, s_val, i_chunk = chunk_forward(*args)
         train, validation = train + s_train, validation + s_val
-        i_calc = i_calc.at[chunk.refl_index].set(i_chunk)
+        i_calc = i_calc.at[chunk.refl_index].set(i_chunk, mode="drop")
     return train, validation, i_calc, total
 
 
@@ -268,11 +294,21 @@ def predict(params: Any, problem: Problem) -> np.ndarray:
     return np.asarray(i_calc)
 
 
+@jax.jit
+def parameter_gradient(
+    params: Any, problem: Problem, cotangent: Intermediates, factor: jax.Array
+) -> tuple[jax.Array, Any]:
+    """The penalty and the parameters' gradient of the loss (penalty included) from the summed
+    chunk cotangent and the loss's outer derivative ``factor``."""
+    _, pullback = jax.vjp(lambda p: model_intermediates(p, problem), params)
+    (grads,) = pullback(jax.tree.map(lambda x: x * factor.astype(x.real.dtype), cotangent))
+    penalty, penalty_grads = jax.value_and_grad(penalty_of)(params, problem)
+    return penalty, jax.tree.map(jnp.add, grads, penalty_grads)
+
+
 def value_and_grad(params: Any, problem: Problem) -> tuple[jax.Array, Any]:
     """The training loss (penalty included) and its gradient w.r.t. ``params``, streamed."""
     train, _, _, cotangent = accumulate(problem, params)
     loss, factor = loss_from_sums(problem.objective, train, problem.train_denominator)
-    _, pullback = jax.vjp(lambda p: model_intermediates(p, problem), params)
-    (grads,) = pullback(jax.tree.map(lambda x: x * factor.astype(x.real.dtype), cotangent))
-    penalty, penalty_grads = jax.value_and_grad(penalty_of)(params, problem)
-    return loss + penalty, jax.tree.map(jnp.add, grads, penalty_grads)
+    penalty, grads = parameter_gradient(params, problem, cotangent, factor)
+    return loss + penalty, grads

@@ -40,6 +40,9 @@ DEFAULT_FRACTION = 0.7
 #: A chunk's working set is kept below this (when the budget allows more): beyond a few frames
 #: per chunk nothing is gained in speed, and a lean step leaves room for the rest of the session.
 CHUNK_TARGET_BYTES = 1.0e9
+#: A problem whose whole step (every frame's working set) stays below this runs all its chunks in
+#: one compiled program: XLA then overlaps independent chunks (about 5 % faster on real quartz).
+FUSE_BYTES = 2.0e9
 
 
 def available_memory() -> float:
@@ -75,7 +78,7 @@ class MemoryPlan:
       size. frame_bytes: working set per frame of the largest bucket (value and gradient).
       batch_bytes: transient working set of one solved batch. peak_bytes: the estimated
       whole-process peak of a step. n_chunks: chunks per step. largest: (n, n_w, n_s) of the
-      largest bucket.
+      largest bucket. fused: every chunk in one compiled program (small problems).
     """
 
     chunk_frames: int
@@ -87,12 +90,15 @@ class MemoryPlan:
     peak_bytes: float
     n_chunks: int
     largest: tuple[int, int, int]
+    fused: bool = False
 
     def describe(self) -> str:
         """One line for logs and reports."""
         n, n_w, n_s = self.largest
+        mode = "one program" if self.fused else "streamed"
         return (
-            f"memory plan: {self.chunk_frames} frame(s) per chunk ({self.n_chunks} chunks), "
+            f"memory plan: {self.chunk_frames} frame(s) per chunk ({self.n_chunks} chunks, "
+            f"{mode}), "
             f"remat={self.remat!r}, estimated peak {self.peak_bytes / 1e9:.2f} GB of a "
             f"{self.budget_bytes / 1e9:.2f} GB budget (largest frame {n} beams + {n_w} Bethe, "
             f"{n_s} sub-orientations: {self.frame_bytes / 1e6:.0f} MB)"
@@ -227,10 +233,21 @@ def plan_memory(
         c = -(-c // devices) * devices
     peak = fixed + c * kept + batch
     n_chunks = sum(-(-len(frames) // c) for frames, _, _ in layout)
+    whole = 0.0  # every frame's working set at its own bucket's size
+    for frames, size, weak in layout:
+        sub_batch = sub_batch_size(min(c, len(frames)), size, n_sub, batch_size)
+        k, t = frame_bytes(
+            size, int(weak or 0), n_sub, n_t, real=real, single=single, remat=choice,
+            bethe_terms=bethe_terms, sub_batch=sub_batch,
+        )  # fmt: skip
+        whole += len(frames) * k + min(batch_size, len(frames)) * t
+    fused = chunk_frames is None and whole <= FUSE_BYTES and fixed + whole <= budget
+    if fused:
+        peak = fixed + whole
     plan = MemoryPlan(
         chunk_frames=int(c), remat=choice, budget_bytes=budget, fixed_bytes=fixed,
         frame_bytes=kept + batch / max(1, min(batch_size, c)), batch_bytes=batch,
-        peak_bytes=peak, n_chunks=int(n_chunks), largest=(int(n), n_w, n_sub),
+        peak_bytes=peak, n_chunks=int(n_chunks), largest=(int(n), n_w, n_sub), fused=fused,
     )  # fmt: skip
     if peak > budget:
         raise EdkitError(

@@ -139,7 +139,7 @@ def prepare(
             jnp.complex64 if opts.precision == "single" else None, opts.batch_size,
             plan.remat, opts.devices,
         ),
-        objective=opts.objective, chunk_frames=plan.chunk_frames,
+        objective=opts.objective, chunk_frames=plan.chunk_frames, fused=plan.fused,
     )  # fmt: skip
     return Prepared(
         setup, mapping, plan, features, i_obs, sigma, validation, train_mask, validation_mask,

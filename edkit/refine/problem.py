@@ -11,6 +11,7 @@ sums (``edkit.refine.core``).
 
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -49,6 +50,15 @@ class Chunk(NamedTuple):
     validation: Any
 
 
+class HostChunks:
+    """The chunks as numpy arrays, compared and hashed by identity (a static field): a problem
+    run as one program (``Problem.fused``) compiles them in as constants, which lets XLA fold the
+    geometry and index tables (about 10 % faster on real quartz than passing them in)."""
+
+    def __init__(self, chunks: tuple[Chunk, ...]) -> None:
+        self.chunks = chunks
+
+
 @struct.dataclass
 class Problem:
     """The fixed data of a refinement (a pytree; the static fields are hashed by identity).
@@ -64,7 +74,8 @@ class Problem:
       objective: "jana" or "wr2". real_potential: solve with real potentials (centric crystal).
       n_frames, n_refl: dataset sizes. train_denominator, validation_denominator: the data-only
       normalisers of the loss (Σ w F_o² for "jana"; the number of frames with a scored
-      reflection for "wr2").
+      reflection for "wr2"). fused: a step runs every chunk in one compiled program (the
+      planner's choice for problems whose whole working set is small).
     """
 
     chunks: tuple[Chunk, ...]
@@ -81,11 +92,13 @@ class Problem:
     n_refl: int = struct.field(pytree_node=False, default=0)
     train_denominator: float = struct.field(pytree_node=False, default=1.0)
     validation_denominator: float = struct.field(pytree_node=False, default=1.0)
+    fused: bool = struct.field(pytree_node=False, default=False)
+    host: HostChunks | None = struct.field(pytree_node=False, default=None)
 
     @property
-    def chunk_shapes(self) -> list[tuple[int, int]]:
-        """(frames, beams) of each chunk."""
-        return [tuple(chunk.arrays.hkl.shape[:2]) for chunk in self.chunks]
+    def chunk_shapes(self) -> list[tuple[int, ...]]:
+        """(frames, beams, weak beams, reflections) of each chunk: one compiled kernel each."""
+        return [(*_frame_shape(chunk), len(chunk.refl_index)) for chunk in self.chunks]
 
 
 def loss_denominator(
@@ -96,6 +109,32 @@ def loss_denominator(
         return float(max(len(np.unique(frames[mask & (i_obs != 0)])), 1))
     w = metrics._jana_weights_np(i_obs[mask], sigma[mask])
     return float(np.sum(w * np.maximum(i_obs[mask], 0.0)))
+
+
+def _frame_shape(chunk: Chunk) -> tuple[int, ...]:
+    weak = chunk.arrays.weak_hkl
+    return (*chunk.arrays.hkl.shape[:2], 0 if weak is None else weak.shape[1])
+
+
+def _pad_reflections(chunks: list[Chunk], n_refl: int) -> list[Chunk]:
+    """Pad every chunk's reflections to the most of any chunk of the same frame shape, so that
+    chunks of one shape share one compiled kernel. Padding reflections are inert: index n_refl
+    (dropped when scattered back), not scored, σ = 1."""
+    most: dict[tuple[int, ...], int] = {}
+    for chunk in chunks:
+        key = _frame_shape(chunk)
+        most[key] = max(most.get(key, 1), len(chunk.refl_index))
+    padded = []
+    for chunk in chunks:
+        extra = most[_frame_shape(chunk)] - len(chunk.refl_index)
+        fill = {"refl_index": n_refl, "refl_frame": 0, "refl_beam": 0, "i_obs": 0.0,
+                "sigma": 1.0, "train": False, "validation": False}  # fmt: skip
+        values: dict[str, Any] = {
+            name: np.concatenate([getattr(chunk, name), np.full(extra, value)])
+            for name, value in fill.items()
+        }
+        padded.append(chunk._replace(**values))
+    return padded
 
 
 def build_problem(
@@ -113,6 +152,7 @@ def build_problem(
     config: StackConfig,
     objective: str,
     chunk_frames: int,
+    fused: bool = False,
 ) -> Problem:
     """Cut ``setup`` into chunks of at most ``chunk_frames`` frames and gather their data.
 
@@ -122,27 +162,30 @@ def build_problem(
       train_mask, validation_mask: scored reflections used for the loss and held out, (n_refl,).
       tables, features, mapping, graphdef, optimizer, config, objective: see :class:`Problem`.
       chunk_frames: frames per chunk (the memory planner's choice).
+      fused: run every chunk of a step in one compiled program (the planner's choice), with
+        the chunks' tables as constants.
     """
     simulated = setup.refl_beam >= 0
-    chunks = []
+    host_chunks: list[Chunk] = []
     for frames, size, n_w in chunk_layout(setup, chunk_frames):
         local = np.full(setup.n_frames, -1)
         local[frames] = np.arange(len(frames))
         refl = np.nonzero(simulated & (local[setup.refl_frame] >= 0))[0]
-        chunks.append(
+        host_chunks.append(
             Chunk(
-                frames=jnp.asarray(frames),
-                arrays=FrameArrays(*(None if a is None else jnp.asarray(a)
-                                     for a in frame_arrays(setup, frames, size, n_w))),
-                refl_index=jnp.asarray(refl),
-                refl_frame=jnp.asarray(local[setup.refl_frame[refl]]),
-                refl_beam=jnp.asarray(setup.refl_beam[refl]),
-                i_obs=jnp.asarray(i_obs[refl]),
-                sigma=jnp.asarray(np.where(sigma[refl] > 0, sigma[refl], 1.0)),
-                train=jnp.asarray(train_mask[refl]),
-                validation=jnp.asarray(validation_mask[refl]),
+                frames=np.asarray(frames),
+                arrays=frame_arrays(setup, frames, size, n_w),
+                refl_index=refl,
+                refl_frame=local[setup.refl_frame[refl]],
+                refl_beam=setup.refl_beam[refl],
+                i_obs=i_obs[refl],
+                sigma=np.where(sigma[refl] > 0, sigma[refl], 1.0),
+                train=train_mask[refl],
+                validation=validation_mask[refl],
             )
-        )  # fmt: skip
+        )
+    host_chunks = _pad_reflections(host_chunks, len(i_obs))
+    chunks = [jax.tree.map(jnp.asarray, host) for host in host_chunks]
     frames_of = setup.refl_frame
     return Problem(
         chunks=tuple(chunks),
@@ -161,4 +204,6 @@ def build_problem(
         validation_denominator=loss_denominator(
             objective, i_obs, sigma, validation_mask, frames_of
         ),
+        fused=bool(fused),
+        host=HostChunks(tuple(host_chunks)) if fused else None,
     )

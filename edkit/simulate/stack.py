@@ -181,14 +181,14 @@ def stack_frames(
         k_hats = jax.vmap(lambda phi: (rotation_x(phi) @ rotation).T @ jnp.asarray(LAB_BEAM))(
             angles
         )
-        potential = prefactor * f_values[coupling]
+        potential = prefactor * f_values.at[coupling].get(mode="promise_in_bounds")
         absorptive = kappa * potential if absorbing else None
         g_cart = hkl.astype(reciprocal.dtype) @ reciprocal
         weak = None
         if has_weak:
             weak_hkl, weak_valid, coupling_out, coupling_in = inputs[8:]
-            potential_out = prefactor * f_values[coupling_out]
-            potential_in = prefactor * f_values[coupling_in]
+            potential_out = prefactor * f_values.at[coupling_out].get(mode="promise_in_bounds")
+            potential_in = prefactor * f_values.at[coupling_in].get(mode="promise_in_bounds")
             weak = WeakBeams(
                 weak_hkl.astype(reciprocal.dtype) @ reciprocal,
                 weak_valid,
