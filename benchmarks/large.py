@@ -221,10 +221,18 @@ def measure_refine_step(args) -> dict:
     refinement = edkit.Refinement(crystal, data, **options)
     construct = time.perf_counter() - start
     construct_peak = _peak_mb()
+    plan = getattr(refinement, "memory_plan", None)
+    print(
+        f"# constructed in {construct:.1f} s, peak {construct_peak:.0f} MB; "
+        f"{plan.describe() if plan is not None else 'no memory_plan'}",
+        file=sys.stderr,
+        flush=True,
+    )
     start = time.perf_counter()
     refinement.step()
     first = time.perf_counter() - start
     first_peak = _peak_mb()
+    print(f"# first step {first:.1f} s, peak {first_peak:.0f} MB", file=sys.stderr, flush=True)
     solved = refinement.seconds
     start = time.perf_counter()
     record = refinement.step()
@@ -232,7 +240,6 @@ def measure_refine_step(args) -> dict:
     solved = refinement.seconds - solved  # the compiled step alone, without the step's record
     peak = _peak_mb()
     setup = refinement.setup
-    plan = getattr(refinement, "memory_plan", None)
     row = {
         "method": "refine-step",
         "options": dict(options),
@@ -332,9 +339,9 @@ def main() -> None:
     if "refine-step" in methods:
         methods.remove("refine-step")
         command = [sys.executable, __file__, "--one", "refine-step", *command_args]
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # progress: stderr
         if done.returncode != 0:
-            sys.exit(f"refine-step failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+            sys.exit(f"refine-step failed (exit {done.returncode}); its messages are above")
         _print_refine_step(json.loads(done.stdout.strip().splitlines()[-1]))
     if not methods:
         return
