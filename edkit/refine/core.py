@@ -143,32 +143,61 @@ def chunk_value_and_cotangent(
     return train, validation, i_calc, cotangent
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnums=(2,))
 def fused_value_and_cotangent(
-    z: Intermediates, problem: Problem
-) -> tuple[jax.Array, jax.Array, jax.Array, Intermediates]:
+    z: Intermediates, problem: Problem, gradient: bool = True
+) -> tuple[jax.Array, jax.Array, jax.Array, Intermediates | None]:
     """Every chunk in one compiled program with its tables as constants (small problems,
     ``Problem.fused``; traced once per problem): XLA folds the tables and may run independent
-    chunks concurrently. Same sums as the chunk-by-chunk loop."""
+    chunks concurrently. Same sums as the chunk-by-chunk loop; without ``gradient`` the
+    cotangent is None."""
     TRACES["fused"] += 1
     assert problem.host is not None
-    chunks, reciprocal = problem.host.chunks, problem.tables.reciprocal_basis
-    config, objective, n_refl = problem.config, problem.objective, problem.n_refl
+    reciprocal, config, objective = (
+        problem.tables.reciprocal_basis,
+        problem.config,
+        problem.objective,
+    )
     train = validation = jnp.zeros(())
     total = None
-    i_calc = jnp.zeros(n_refl, dtype=z.thickness.dtype)
-    for chunk in chunks:
-        s_train, pullback, (s_val, i_chunk) = jax.vjp(
-            lambda z, chunk=chunk: _chunk_sums(z, chunk, reciprocal, config, objective),
-            z,
-            has_aux=True,
-        )
-        (cotangent,) = pullback(jnp.ones_like(s_train))
-        total = cotangent if total is None else jax.tree.map(jnp.add, total, cotangent)
+    i_calc = jnp.zeros(problem.n_refl, dtype=z.thickness.dtype)
+    for chunk in problem.host.chunks:
+
+        def sums(z, chunk=chunk):
+            return _chunk_sums(z, chunk, reciprocal, config, objective)
+
+        if gradient:
+            s_train, pullback, (s_val, i_chunk) = jax.vjp(sums, z, has_aux=True)
+            (cotangent,) = pullback(jnp.ones_like(s_train))
+            total = cotangent if total is None else jax.tree.map(jnp.add, total, cotangent)
+        else:
+            s_train, (s_val, i_chunk) = sums(z)
         train, validation = train + s_train, validation + s_val
         i_calc = i_calc.at[chunk.refl_index].set(i_chunk, mode="drop")
-    assert total is not None
     return train, validation, i_calc, total
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _fused_sum(function: Any, args: tuple, problem: Problem) -> Any:
+    TRACES["fused"] += 1
+    assert problem.host is not None
+    total = None
+    for chunk in problem.host.chunks:
+        out = function(*args, chunk, problem.tables.reciprocal_basis, problem.config)
+        total = out if total is None else jax.tree.map(jnp.add, total, out)
+    return total
+
+
+def sum_over_chunks(function: Any, compiled: Any, args: tuple, problem: Problem) -> Any:
+    """Σ over the chunks of ``function(*args, chunk, reciprocal, config)`` (a pytree): one
+    program for a fused problem, else ``compiled`` (its jitted twin) chunk by chunk."""
+    if problem.fused:
+        return _fused_sum(function, args, problem)
+    total = None
+    for chunk in problem.chunks:
+        out = compiled(*args, chunk, problem.tables.reciprocal_basis, problem.config)
+        total = out if total is None else jax.tree.map(jnp.add, total, out)
+    return total
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -255,8 +284,8 @@ def accumulate(problem: Problem, params: Any, *, gradient: bool = True):
     I_calc (n_refl,) and, with ``gradient``, the summed cotangent of the training sum."""
     z = intermediates(params, problem)
     reciprocal = problem.tables.reciprocal_basis
-    if gradient and problem.fused:
-        return fused_value_and_cotangent(z, problem)
+    if problem.fused:
+        return fused_value_and_cotangent(z, problem, gradient)
     train = validation = jnp.zeros(())
     total = None
     i_calc = jnp.zeros(problem.n_refl, dtype=z.thickness.dtype)

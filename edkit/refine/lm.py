@@ -9,7 +9,6 @@ its J_cᵀJ_c (n_par × n_par), J_cᵀr_c and r_cᵀr_c, with J_c from one linea
 and n_par tangent passes. Levenberg–Marquardt and the standard uncertainties use these sums.
 """
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -19,7 +18,13 @@ import numpy as np
 from flax import nnx
 
 from edkit.errors import EdkitError
-from edkit.refine.core import Intermediates, chunk_intensities, intermediates, model_intermediates
+from edkit.refine.core import (
+    Intermediates,
+    chunk_intensities,
+    intermediates,
+    model_intermediates,
+    sum_over_chunks,
+)
 from edkit.refine.objective import jana_residuals
 from edkit.refine.problem import Chunk, Problem
 from edkit.simulate.stack import Potentials, StackConfig
@@ -59,8 +64,7 @@ def _residuals(z: Intermediates, chunk: Chunk, reciprocal: jax.Array, config: St
     return jana_residuals(chunk.i_obs, chunk.sigma, i_calc, chunk.train, chunk.refl_frame, n_local)
 
 
-@functools.partial(jax.jit, static_argnums=(4,))
-def chunk_normal(
+def chunk_normal_terms(
     z: Intermediates,
     tangents: Potentials,
     chunk: Chunk,
@@ -78,13 +82,18 @@ def chunk_normal(
     return jac @ jac.T, jac @ r, r @ r
 
 
-@functools.partial(jax.jit, static_argnums=(3,))
-def chunk_cost(
+chunk_normal = jax.jit(chunk_normal_terms, static_argnums=(4,))
+
+
+def chunk_cost_terms(
     z: Intermediates, chunk: Chunk, reciprocal: jax.Array, config: StackConfig
 ) -> jax.Array:
     """One chunk's rᵀr (forward only)."""
     r = _residuals(z, chunk, reciprocal, config)
     return r @ r
+
+
+chunk_cost = jax.jit(chunk_cost_terms, static_argnums=(3,))
 
 
 class StructureLeastSquares:
@@ -122,17 +131,9 @@ class StructureLeastSquares:
         """Σ_c J_cᵀJ_c, Σ_c J_cᵀr_c and Σ_c r_cᵀr_c at ``params``, chunk by chunk."""
         problem = self.problem
         z, tangents = self._tangents(params, problem)
-        normal = gradient = cost = None
-        for chunk in problem.chunks:
-            n_c, g_c, c_c = chunk_normal(
-                z, tangents, chunk, problem.tables.reciprocal_basis, problem.config
-            )
-            if normal is None:
-                normal, gradient, cost = n_c, g_c, c_c
-            else:
-                normal, gradient, cost = normal + n_c, gradient + g_c, cost + c_c
-        if normal is None or gradient is None or cost is None:  # unreachable: chunks ≥ 1
-            raise EdkitError("the problem has no chunks")
+        normal, gradient, cost = sum_over_chunks(
+            chunk_normal_terms, chunk_normal, (z, tangents), problem
+        )
         return NormalEquations(
             np.asarray(normal), np.asarray(gradient), float(cost), self.n_residuals
         )
@@ -141,10 +142,7 @@ class StructureLeastSquares:
         """Σ r² at ``params`` (forward only, chunk by chunk)."""
         problem = self.problem
         z = intermediates(params, problem)
-        total = 0.0
-        for chunk in problem.chunks:
-            total = total + chunk_cost(z, chunk, problem.tables.reciprocal_basis, problem.config)
-        return float(total)
+        return float(sum_over_chunks(chunk_cost_terms, chunk_cost, (z,), problem))
 
 
 def levenberg_marquardt(
