@@ -15,7 +15,7 @@ from conftest import twenty_steps_trace_once
 from flax import nnx
 
 from edkit import EdkitError, Refinement, metrics, read_cif, read_pets
-from edkit.refine import core, lm, objective
+from edkit.refine import core, lm
 from edkit.refine.planner import plan_memory
 from edkit.simulate import frames as frames_module
 from edkit.simulate.stack import frame_intensity_stack
@@ -62,8 +62,8 @@ def _stepped_params(refinement):
     return jax.tree.map(lambda x: x + 1e-3 * jax.random.normal(next(key), x.shape), params)
 
 
-def _direct_loss(refinement, params):
-    """The whole dataset at once: frame_intensity_stack over every frame, metrics' wR."""
+def _direct_intensities(refinement, params):
+    """Every reflection's I_calc with the whole dataset at once (frame_intensity_stack)."""
     problem, setup = refinement.problem, refinement.setup
     model = nnx.merge(problem.graphdef, params)
     values, weights = model.thickness(problem.features)
@@ -71,13 +71,18 @@ def _direct_loss(refinement, params):
         model.structure(problem.mapping), problem.tables, setup, values,
         orientation_corrections=model.orientation[...],
     )  # fmt: skip
-    frame_values = jnp.einsum("ft,ftn->fn", weights, stack)
-    i_calc = frames_module.reflection_intensities(setup, frame_values)
+    return frames_module.reflection_intensities(setup, jnp.einsum("ft,ftn->fn", weights, stack))
+
+
+def _direct_loss(refinement, params):
+    """The whole dataset at once: metrics' wR of :func:`_direct_intensities`."""
+    setup = refinement.setup
+    i_calc = _direct_intensities(refinement, params)
     loss = metrics.jana_wr_loss(
         jnp.asarray(refinement.i_obs), jnp.asarray(refinement.sigma), i_calc,
         jnp.asarray(refinement.train_mask), jnp.asarray(setup.refl_frame), setup.n_frames,
     )  # fmt: skip
-    return loss + core.penalty_of(params, problem)
+    return loss + core.penalty_of(params, refinement.problem)
 
 
 def test_chunked_value_and_gradient_equal_the_whole_dataset_at_once(one_frame_chunks) -> None:
@@ -111,21 +116,12 @@ def test_chunk_sizes_give_the_same_step(one_frame_chunks, start, dataset) -> Non
 
 def _direct_normal_equations(refinement, least_squares):
     """JᵀJ, Jᵀr, rᵀr from the full Jacobian of every training residual (jacfwd)."""
-    setup, problem = refinement.setup, refinement.problem
+    setup = refinement.setup
     mask = jnp.asarray(refinement.train_mask)
 
     def residuals(theta):
-        params = least_squares.shift(refinement.state, theta)
-        model = nnx.merge(problem.graphdef, params)
-        values, weights = model.thickness(problem.features)
-        stack = frame_intensity_stack(
-            model.structure(problem.mapping), problem.tables, setup, values,
-            orientation_corrections=model.orientation[...],
-        )  # fmt: skip
-        i_calc = frames_module.reflection_intensities(
-            setup, jnp.einsum("ft,ftn->fn", weights, stack)
-        )
-        return objective.jana_residuals(
+        i_calc = _direct_intensities(refinement, least_squares.shift(refinement.state, theta))
+        return metrics.jana_residuals(
             jnp.asarray(refinement.i_obs), jnp.asarray(refinement.sigma), i_calc, mask,
             jnp.asarray(setup.refl_frame), setup.n_frames,
         )  # fmt: skip

@@ -23,7 +23,12 @@ The numpy figures live in :mod:`edkit.metrics._report`, the JAX losses in ``_los
 them from ``edkit.metrics``.
 """
 
-from edkit.metrics._losses import intensity_wr2_loss, jana_wr_loss
+from edkit.metrics._losses import (
+    intensity_wr2_loss,
+    jana_residuals,
+    jana_wr_loss,
+    wr2_frame_terms,
+)
 from edkit.metrics._losses import jana_weights as jana_weights
 from edkit.metrics._report import (
     JANA_INSTABILITY,
@@ -49,7 +54,9 @@ __all__ = [
     "frame_wr2",
     "intensity_wr2_loss",
     "jana_figures",
+    "jana_residuals",
     "jana_wr_loss",
     "mean_frame_r_obs",
     "scale_per_frame",
+    "wr2_frame_terms",
 ]

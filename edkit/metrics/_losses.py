@@ -45,6 +45,42 @@ def jana_weights(i_obs: jax.Array, sigma: jax.Array) -> jax.Array:
     return 1.0 / (sigma_f**2 + (JANA_INSTABILITY * f_o) ** 2)
 
 
+def _jana_terms(
+    i_obs: jax.Array,
+    sigma: jax.Array,
+    i_calc: jax.Array,
+    mask: jax.Array,
+    frame_index: jax.Array,
+    n_frames: int,
+) -> tuple[jax.Array, jax.Array]:
+    """(sqrt(w)(F_o − k_f F_c), w F_o²) of every reflection, zero off ``mask``: the terms of
+    Jana's wR with the closed-form per-frame amplitude scale (see :func:`jana_wr_loss`)."""
+    sel = _selection(mask)
+    i_o = jnp.where(sel, i_obs, 0.0)
+    s = jnp.where(sel, sigma, 1.0)
+    f_o = _safe_sqrt(i_o)
+    f_c = _safe_sqrt(jnp.where(sel, i_calc, 0.0))
+    w = jnp.where(sel, jana_weights(i_o, s), 0.0)
+    num_k = jax.ops.segment_sum(w * f_o * f_c, frame_index, num_segments=n_frames)
+    den_k = jax.ops.segment_sum(w * f_c * f_c, frame_index, num_segments=n_frames)
+    k = _safe_div(num_k, den_k)
+    return _safe_sqrt(w) * (f_o - k[frame_index] * f_c), w * f_o**2
+
+
+def jana_residuals(
+    i_obs: jax.Array,
+    sigma: jax.Array,
+    i_calc: jax.Array,
+    mask: jax.Array,
+    frame_index: jax.Array,
+    n_frames: int,
+) -> jax.Array:
+    """Jana's weighted |F| residuals sqrt(w)(F_o − k_f F_c), each frame scaled in closed form,
+    zero off ``mask``, shape (n_refl,): Σ r² is the numerator of :func:`jana_wr_loss`, and
+    least squares (Levenberg–Marquardt, s.u.'s) minimise it. Arguments as there."""
+    return _jana_terms(i_obs, sigma, i_calc, mask, frame_index, n_frames)[0]
+
+
 def jana_wr_loss(
     i_obs: jax.Array,
     sigma: jax.Array,
@@ -79,21 +115,34 @@ def jana_wr_loss(
       wR as a fraction, shape (). NaN (with a zero gradient) when nothing is scored or every
       scored F_o is 0.
     """
+    residuals, squares = _jana_terms(i_obs, sigma, i_calc, mask, frame_index, n_frames)
+    num = jnp.sum(residuals**2)
+    den = jnp.sum(squares)
+    return jnp.where(den > 0, _safe_sqrt(_safe_div(num, den)), jnp.nan)
+
+
+def wr2_frame_terms(
+    i_obs: jax.Array,
+    sigma: jax.Array,
+    i_calc: jax.Array,
+    mask: jax.Array,
+    frame_index: jax.Array,
+    n_frames: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Per frame Σ w (I_o − k_f I_c)² and Σ w I_o² (w = 1/σ², k_f in closed form, sums over
+    ``mask``), each (n_frames,): wR2_f = sqrt(num/den) (see :func:`intensity_wr2_loss`)."""
     sel = _selection(mask)
     i_o = jnp.where(sel, i_obs, 0.0)
     s = jnp.where(sel, sigma, 1.0)
     i_c = jnp.where(sel, i_calc, 0.0)
-    f_o = _safe_sqrt(i_o)
-    f_c = _safe_sqrt(i_c)
-    w = jnp.where(sel, jana_weights(i_o, s), 0.0)
-
-    num_k = jax.ops.segment_sum(w * f_o * f_c, frame_index, num_segments=n_frames)
-    den_k = jax.ops.segment_sum(w * f_c * f_c, frame_index, num_segments=n_frames)
+    w = jnp.where(sel, 1.0 / s**2, 0.0)
+    num_k = jax.ops.segment_sum(w * i_o * i_c, frame_index, num_segments=n_frames)
+    den_k = jax.ops.segment_sum(w * i_c * i_c, frame_index, num_segments=n_frames)
     k = _safe_div(num_k, den_k)
-    res = f_o - k[frame_index] * f_c
-    num = jnp.sum(w * res**2)
-    den = jnp.sum(w * f_o**2)
-    return jnp.where(den > 0, _safe_sqrt(_safe_div(num, den)), jnp.nan)
+    res = i_o - k[frame_index] * i_c
+    num = jax.ops.segment_sum(w * res**2, frame_index, num_segments=n_frames)
+    den = jax.ops.segment_sum(w * i_o**2, frame_index, num_segments=n_frames)
+    return num, den
 
 
 def intensity_wr2_loss(
@@ -137,18 +186,7 @@ def intensity_wr2_loss(
         raise EdkitError(
             f"intensity_wr2_loss: reduction = {reduction!r}, expected 'frame_mean' or 'global'"
         )
-    sel = _selection(mask)
-    i_o = jnp.where(sel, i_obs, 0.0)
-    s = jnp.where(sel, sigma, 1.0)
-    i_c = jnp.where(sel, i_calc, 0.0)
-    w = jnp.where(sel, 1.0 / s**2, 0.0)
-
-    num_k = jax.ops.segment_sum(w * i_o * i_c, frame_index, num_segments=n_frames)
-    den_k = jax.ops.segment_sum(w * i_c * i_c, frame_index, num_segments=n_frames)
-    k = _safe_div(num_k, den_k)
-    res = i_o - k[frame_index] * i_c
-    num = jax.ops.segment_sum(w * res**2, frame_index, num_segments=n_frames)
-    den = jax.ops.segment_sum(w * i_o**2, frame_index, num_segments=n_frames)
+    num, den = wr2_frame_terms(i_obs, sigma, i_calc, mask, frame_index, n_frames)
     if reduction == "global":
         total = jnp.sum(den)
         return jnp.where(total > 0, _safe_sqrt(_safe_div(jnp.sum(num), total)), jnp.nan)

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from edkit.errors import EdkitError
+from edkit.metrics import jana_residuals
 from edkit.refine.core import (
     Intermediates,
     chunk_intensities,
@@ -25,7 +26,6 @@ from edkit.refine.core import (
     model_intermediates,
     sum_over_chunks,
 )
-from edkit.refine.objective import jana_residuals
 from edkit.refine.problem import Chunk, Problem
 from edkit.simulate.stack import Potentials, StackConfig
 

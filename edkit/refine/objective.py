@@ -15,50 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from edkit import metrics
-
-
-def _safe_sqrt(x: jax.Array) -> jax.Array:
-    positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
-
-
-def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-    ok = den > 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
-
-
-def jana_residuals(
-    i_obs: jax.Array,
-    sigma: jax.Array,
-    i_calc: jax.Array,
-    mask: jax.Array,
-    frame_index: jax.Array,
-    n_frames: int,
-) -> jax.Array:
-    """sqrt(w)(F_o − k_f F_c) with the closed-form per-frame amplitude scale k_f; zero off
-    ``mask``. Shapes (r,); ``frame_index`` in [0, n_frames). Σ r² is the numerator of wR."""
-    i_o = jnp.where(mask, i_obs, 0.0)
-    s = jnp.where(mask, sigma, 1.0)
-    f_o = _safe_sqrt(i_o)
-    f_c = _safe_sqrt(jnp.where(mask, i_calc, 0.0))
-    w = jnp.where(mask, metrics.jana_weights(i_o, s), 0.0)
-    num = jax.ops.segment_sum(w * f_o * f_c, frame_index, num_segments=n_frames)
-    den = jax.ops.segment_sum(w * f_c * f_c, frame_index, num_segments=n_frames)
-    k = _safe_div(num, den)
-    return _safe_sqrt(w) * (f_o - k[frame_index] * f_c)
+from edkit.metrics._losses import _safe_div, _safe_sqrt  # one definition of the safe ops
 
 
 def _wr2_frame_sum(i_obs, sigma, i_calc, mask, frame_index, n_frames):
-    i_o = jnp.where(mask, i_obs, 0.0)
-    s = jnp.where(mask, sigma, 1.0)
-    i_c = jnp.where(mask, i_calc, 0.0)
-    w = jnp.where(mask, 1.0 / s**2, 0.0)
-    num_k = jax.ops.segment_sum(w * i_o * i_c, frame_index, num_segments=n_frames)
-    den_k = jax.ops.segment_sum(w * i_c * i_c, frame_index, num_segments=n_frames)
-    k = _safe_div(num_k, den_k)
-    res = i_o - k[frame_index] * i_c
-    num = jax.ops.segment_sum(w * res**2, frame_index, num_segments=n_frames)
-    den = jax.ops.segment_sum(w * i_o**2, frame_index, num_segments=n_frames)
+    num, den = metrics.wr2_frame_terms(i_obs, sigma, i_calc, mask, frame_index, n_frames)
     return jnp.sum(jnp.where(den > 0, _safe_sqrt(_safe_div(num, den)), 0.0))
 
 
@@ -82,7 +43,7 @@ def chunk_partial_sum(
     """
     if objective == "wr2":
         return _wr2_frame_sum(i_obs, sigma, i_calc, mask, frame_index, n_frames)
-    r = jana_residuals(i_obs, sigma, i_calc, mask, frame_index, n_frames)
+    r = metrics.jana_residuals(i_obs, sigma, i_calc, mask, frame_index, n_frames)
     return jnp.sum(r * r)
 
 

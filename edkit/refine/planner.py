@@ -21,8 +21,6 @@ import math
 import os
 from dataclasses import dataclass
 
-import numpy as np
-
 from edkit.errors import EdkitError
 from edkit.simulate.setup import FrameSetup
 from edkit.simulate.stack import Remat, bucket_layout, sub_batch_size
@@ -258,11 +256,3 @@ def plan_memory(
             "memory_limit"
         )
     return plan
-
-
-def chunk_sizes(setup: FrameSetup, chunk_frames: int) -> np.ndarray:
-    """Frames in each chunk of the streamed step."""
-    return np.array(
-        [len(part) for frames, _, _ in bucket_layout(setup)
-         for part in np.array_split(frames, -(-len(frames) // chunk_frames))]
-    )  # fmt: skip
