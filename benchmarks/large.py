@@ -53,6 +53,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from large_pipeline import measure_pipeline, print_pipeline  # benchmarks/ (script dir on path)
 from timing import best_time  # benchmarks/timing.py (script dir on sys.path)
 
 import edkit
@@ -138,6 +139,13 @@ def _release_freed_heap() -> None:
 
 
 def measure(method: str, args) -> dict:
+    if method == "pipeline":
+        options = {"g_max": args.g_max}
+        if args.n_sub != CASES[args.case]["n_sub"]:
+            options["n_sub"] = args.n_sub  # a small test's sub-orientations (not a default)
+        return measure_pipeline(
+            _crystal(args), _dataset(args), options, args.pipeline_steps, args.pipeline_lm
+        )
     if method == "refine-step":
         return measure_refine_step(args)
     crystal = _crystal(args)
@@ -307,8 +315,16 @@ def main() -> None:
     parser.add_argument("--methods", default="exact,bethe,shared,real,real-single")
     parser.add_argument("--bethe-terms", type=int, default=12)
     parser.add_argument("--cache", help="netCDF of the simulated series (default: in TMPDIR)")
+    parser.add_argument(
+        "--paper-settings", action="store_true",
+        help="the CsPbBr3 case, the whole default refinement phase by phase (large_pipeline.py)",
+    )  # fmt: skip
+    parser.add_argument("--pipeline-steps", type=int, default=3, help="Adam steps run")
+    parser.add_argument("--pipeline-lm", type=int, default=1, help="LM iterations run")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.paper_settings:
+        args.case, args.methods = "cspbbr3", "pipeline"
     case = CASES[args.case]
     defaults = {"n_sub": case["n_sub"], "g_max": case["g_max"], "semiangle": case["semiangle"]}
     explicit_n_sub = args.n_sub is not None
@@ -336,6 +352,14 @@ def main() -> None:
     command_args += [str(args.semiangle)] + (["--n-sub", str(args.n_sub)] if explicit_n_sub else [])
     for key in ("frames", "exact_frames", "repeats", "cache", "bethe_terms"):
         command_args += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if "pipeline" in methods:
+        methods.remove("pipeline")
+        command = [sys.executable, __file__, "--one", "pipeline", *command_args]
+        command += ["--pipeline-steps", str(args.pipeline_steps), "--pipeline-lm"]
+        done = subprocess.run([*command, str(args.pipeline_lm)], stdout=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            sys.exit(f"pipeline failed (exit {done.returncode}); its messages are above")
+        print_pipeline(json.loads(done.stdout.strip().splitlines()[-1]))
     if "refine-step" in methods:
         methods.remove("refine-step")
         command = [sys.executable, __file__, "--one", "refine-step", *command_args]
