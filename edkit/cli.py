@@ -2,14 +2,18 @@
 
 The refinement flags, their defaults, choices and help lines come from the fields of
 :class:`edkit.refine.options.RefinementOptions` (one source); the others (files, steps,
-Levenberg–Marquardt rounds, output) belong to the command line alone.
+Levenberg–Marquardt rounds, output, checkpoints, ``--resume``) belong to the command line alone.
+The run itself is :func:`edkit.refine.schedule.run_schedule`: checkpoints into ``OUT/checkpoints``
+(periodic, at the end of each phase, on Ctrl-C) from which ``--resume`` continues exactly.
 """
 
 import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import typing
 from pathlib import Path
@@ -17,28 +21,85 @@ from typing import Any
 
 from edkit.errors import EdkitError
 from edkit.examples import example_file
+from edkit.refine import checkpoint
 from edkit.refine.options import CHOICES, RefinementOptions, options_from, parse_memory
+from edkit.refine.schedule import CHECKPOINT_SECONDS, Checkpointer, from_run, run_schedule
 
 OPTION_FIELDS = tuple(f for f in dataclasses.fields(RefinementOptions) if f.metadata["cli"])
+DEFAULT_OUT = "edkit-out"
+#: Flags that may accompany --resume (the others are stored in the checkpoint).
+RESUME_FLAGS = ("command", "resume", "out", "quiet", "checkpoint_every")
 
 
-def _refine(args: argparse.Namespace) -> dict:
-    """Run a refinement and write refined.cif, report.json and refinement.nc into args.out."""
+def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
+    """Run (or resume) a refinement with checkpoints; write refined.cif, report.json and
+    refinement.nc into the output folder. Returns the report and that folder."""
+    started = time.perf_counter()
+    if args.resume is None:
+        refinement, run, schedule, position, out = _start(args)
+    else:
+        refinement, run, schedule, position, out = _resume(args)
+    print(refinement.memory_plan.describe(), flush=True)
+    every = (
+        args.checkpoint_every if args.checkpoint_every is not None else run.get("checkpoint_every")
+    )
+    run["checkpoint_every"] = every
+    left = schedule.steps_left(position)
+    lm_left = sum(s.kind == "lm" for s in schedule.stages()[position.stage :])
+    estimate = "; a time estimate follows the first step" if left else ""
+    print(
+        f"plan: {left} Adam step(s) and {lm_left} Levenberg–Marquardt round(s){estimate}. "
+        f"Checkpoints into {out / 'checkpoints'}: {_interval(every)}, at the end of each phase "
+        "and on Ctrl-C",
+        flush=True,
+    )
+    prior = float(run.get("wall_seconds", 0.0))
+    checkpointer = Checkpointer(
+        out,
+        every,
+        describe=lambda: {**run, "wall_seconds": prior + time.perf_counter() - started},
+        on_write=lambda path: _say(f"checkpoint: {path}"),
+    )
+    with _DeferredInterrupt() as interrupt:
+        outcome = run_schedule(
+            refinement, schedule, checkpointer, position, progress=not args.quiet,
+            stop=lambda: interrupt.requested, on_step=_Estimate(refinement),
+        )  # fmt: skip
+    if outcome.stopped:
+        raise _Stopped(refinement.step_count, outcome.checkpoint, out)
+    refinement.write_cif(out / "refined.cif")
+    report = refinement.report()
+    report["seconds"] = round(prior + time.perf_counter() - started, 1)
+    report["structure"] = run.get("structure")
+    report["data"] = run.get("data")
+    if args.resume is not None:
+        report["resumed_from"] = str(args.resume_folder)
+    (out / "report.json").write_text(json.dumps(_finite_or_none(report), indent=1))
+    history = refinement.history
+    simulated = refinement.simulated()
+    history.to_netcdf(out / "refinement.nc", engine="h5netcdf", group="history")
+    simulated.to_netcdf(out / "refinement.nc", engine="h5netcdf", group="simulated", mode="a")
+    return report, out
+
+
+def _start(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
+    """A new refinement from the flags: the refinement, run.json's fields, schedule, position
+    and output folder."""
     from edkit.io.cif import read_cif
     from edkit.io.pets import read_pets, select_frames
     from edkit.refine.refinement import Refinement
+    from edkit.refine.schedule import Position, Schedule
 
     options = _options(args)  # checked before any file is read
     for flag, path in (("--structure", args.structure), ("--data", args.data)):
         if not Path(path).is_file():
             raise EdkitError(f"{flag} {path}: no such file")
-    out = Path(args.out)
+    out = Path(args.out or DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     crystal = read_cif(args.structure)
     dataset = read_pets(args.data)
     if args.every > 1:
         dataset = select_frames(dataset, slice(0, None, args.every))
-    started = time.perf_counter()
     refinement = Refinement(crystal, dataset, **options)
     print(
         f"{len(dataset.frame)} frames, {int(refinement.setup.scored.sum())} scored reflections, "
@@ -52,24 +113,135 @@ def _refine(args: argparse.Namespace) -> dict:
         f"Jana R_obs {start_report['r_obs']:.4f} (thickness from the grid search)",
         flush=True,
     )
-    refinement.run(args.steps, progress=not args.quiet)
-    refinement.use_best()
-    for _ in range(args.lm_rounds):
-        refinement.refine_structure(args.lm_iterations)
-        if args.polish_steps:
-            refinement.run(args.polish_steps, progress=not args.quiet)
-            refinement.use_best()
-    refinement.write_cif(out / "refined.cif")
-    report = refinement.report()
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    report["structure"] = str(args.structure)
-    report["data"] = str(args.data)
-    (out / "report.json").write_text(json.dumps(_finite_or_none(report), indent=1))
-    history = refinement.history
-    simulated = refinement.simulated()
-    history.to_netcdf(out / "refinement.nc", engine="h5netcdf", group="history")
-    simulated.to_netcdf(out / "refinement.nc", engine="h5netcdf", group="simulated", mode="a")
-    return report
+    # The checkpoint holds the start and the (selected) data themselves; the paths are for the
+    # report and for the reader.
+    run = {
+        "command": args.command,
+        "structure": str(args.structure),
+        "data": str(args.data),
+        "every": args.every,
+        "checkpoint_every": args.checkpoint_every,
+    }
+    schedule = Schedule(args.steps, args.lm_rounds, args.lm_iterations, args.polish_steps)
+    return refinement, run, schedule, Position(), out
+
+
+def _resume(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
+    """The refinement, run.json, schedule and position of the checkpoint ``--resume`` names,
+    and the output folder (``--out``, else the folder resumed from)."""
+    from edkit.refine.refinement import Refinement
+
+    folder = args.resume_folder
+    run = checkpoint.read_run(folder)
+    schedule, position = from_run(run, folder / checkpoint.RUN_FILE)
+    try:
+        refinement = Refinement.load(folder)
+    except EdkitError as error:
+        older = [p for p in checkpoint.series(folder.parent.parent) if p != folder]
+        hint = f"; the previous checkpoint may be intact: --resume {older[-1]}" if older else ""
+        raise EdkitError(f"{error}{hint}") from None
+    if args.out:
+        out = Path(args.out)
+    elif folder.parent.name == checkpoint.SERIES:
+        out = folder.parent.parent
+    else:
+        out = folder
+    out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"resumed from {folder}: step {refinement.step_count}, {len(refinement.dataset.frame)} "
+        f"frames, {run.get('structure')} against {run.get('data')}",
+        flush=True,
+    )
+    return refinement, run, schedule, position, out
+
+
+def _interval(every: int | None) -> str:
+    if every is None:
+        return f"about every {CHECKPOINT_SECONDS / 60:g} minutes of work"
+    return "no periodic ones" if every == 0 else f"every {every} step(s)"
+
+
+def _say(message: str) -> None:
+    """A line on stdout that does not break a running progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
+class _Estimate:
+    """Prints the time the remaining Adam steps will take, from the measured step times: after
+    this process's first step (which includes compiling the step, so an upper bound) and again
+    after its second (compiled: the rate to expect)."""
+
+    def __init__(self, refinement: Any) -> None:
+        self.seconds, self.steps = refinement.seconds, 0
+
+    def __call__(self, refinement: Any, record: dict[str, float], left: int) -> None:
+        self.steps += 1
+        took, self.seconds = refinement.seconds - self.seconds, refinement.seconds
+        if self.steps > 2 or left == 0:
+            return
+        basis = (
+            "it includes compiling the step, so this is an upper bound"
+            if self.steps == 1
+            else "a compiled step's time"
+        )
+        _say(
+            f"step {refinement.step_count} took {_duration(took)}; at that rate the {left} "
+            f"Adam step(s) left take about {_duration(left * took)} ({basis}; "
+            "Levenberg–Marquardt rounds and checkpoints not included)"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class _DeferredInterrupt:
+    """SIGINT (Ctrl-C) asks the run to stop after the current step and write a checkpoint; a
+    second one stops at once (KeyboardInterrupt; the previous checkpoint stays usable).
+
+    Deferred because a step interrupted half-way leaves no consistent state to save.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        if threading.current_thread() is threading.main_thread():  # signals: main thread only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nedkit: interrupted: finishing the current step (or Levenberg–Marquardt round) "
+            "to write a checkpoint; press Ctrl-C again to stop at once without one",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+class _Stopped(Exception):
+    """The run stopped on request after writing a checkpoint."""
+
+    def __init__(self, step: int, folder: Path | None, out: Path) -> None:
+        super().__init__(
+            f"edkit: stopped at step {step}; checkpoint written to {folder}. Continue with: "
+            f"edkit refine --resume {out}"
+        )
 
 
 def _finite_or_none(report: dict) -> dict:
@@ -157,7 +329,11 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_refine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="edkit-out", help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--out", default=None,
+        help=f"output folder, checkpoints in its checkpoints/ (default: {DEFAULT_OUT}; with "
+        "--resume: the folder resumed from)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=60, help="Adam steps (default: %(default)s)")
     _add_option_flags(parser)
     parser.add_argument(
@@ -179,14 +355,37 @@ def _add_refine_options(parser: argparse.ArgumentParser) -> None:
         help="Adam steps after each Levenberg–Marquardt round (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--checkpoint-every", type=_count, default=None, metavar="N",
+        help="write a checkpoint into OUT/checkpoints every N steps (0: none but those at the "
+        "end of each phase and on Ctrl-C; default: about every "
+        f"{CHECKPOINT_SECONDS / 60:g} minutes of work); the newest two are kept",
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume", metavar="DIR", default=None,
+        help="continue from the latest checkpoint in DIR (an --out folder, or one checkpoint "
+        "folder in it) with the data, structure and options stored there: the flags above "
+        "are not repeated (only --out, --quiet and --checkpoint-every may be given)",
+    )  # fmt: skip
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer ≥ 0")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edkit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     refine = commands.add_parser("refine", help="refine a structure against a PETS2 dataset")
-    refine.add_argument("--structure", required=True, help="starting CIF file")
-    refine.add_argument("--data", required=True, help="PETS2 .cif_pets file")
+    # Required unless --resume (checked in main, with argparse's message).
+    refine.add_argument("--structure", help="starting CIF file")
+    refine.add_argument("--data", help="PETS2 .cif_pets file")
     _add_refine_options(refine)
     demo = commands.add_parser(
         "demo",
@@ -198,27 +397,72 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``edkit`` command; returns the exit code (2: bad input)."""
-    args = _parser().parse_args(argv)
-    if args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get(
-        "XLA_FLAGS", ""
-    ):
-        # Read when JAX's CPU backend starts, which no edkit import does.
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={args.devices}"
-        ).strip()
-    if args.command == "demo":
-        args.structure = example_file("quartz_kinematical.cif")
-        args.data = example_file("quartz_experimental.cif_pets")
-        print(f"edkit demo: {args.structure.name} against {args.data.name}", flush=True)
+    """Entry point of the ``edkit`` command; returns the exit code (2: bad input, 130: stopped
+    by Ctrl-C, after writing a checkpoint where one could be written)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "refine" and args.resume is None:
+        missing = [flag for flag in ("--structure", "--data") if getattr(args, flag[2:]) is None]
+        if missing:
+            parser.error(
+                f"edkit refine: the following arguments are required: {', '.join(missing)} "
+                "(or --resume DIR)"
+            )
     try:
-        report = _refine(args)
+        devices = args.devices
+        if args.resume is not None:
+            devices = _check_resume(args, parser)
+        elif args.command == "demo":
+            args.structure = example_file("quartz_kinematical.cif")
+            args.data = example_file("quartz_experimental.cif_pets")
+            print(f"edkit demo: {args.structure.name} against {args.data.name}", flush=True)
+        if devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get(
+            "XLA_FLAGS", ""
+        ):
+            # Read when JAX's CPU backend starts, which no edkit import does.
+            os.environ["XLA_FLAGS"] = (
+                os.environ.get("XLA_FLAGS", "")
+                + f" --xla_force_host_platform_device_count={devices}"
+            ).strip()
+        report, out = _refine(args)
+    except _Stopped as stopped:
+        print(stopped, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(
+            "\nedkit: stopped at once, without a new checkpoint; if one was written before, "
+            f"continue with: edkit refine --resume {args.out or args.resume or DEFAULT_OUT}",
+            file=sys.stderr,
+        )
+        return 130
     except (EdkitError, OSError) as error:
         print(f"edkit: error: {error}", file=sys.stderr)
         return 2
-    _print_report(report, Path(args.out))
+    _print_report(report, out)
     return 0
+
+
+def _check_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """With --resume: no flag the checkpoint fixes; sets ``args.resume_folder`` (the checkpoint)
+    and returns the stored number of devices (needed before JAX starts)."""
+    defaults = vars(parser.parse_args([args.command]))
+    given = [
+        name for name, value in vars(args).items()
+        if name not in RESUME_FLAGS and value != defaults.get(name)
+    ]  # fmt: skip
+    if given:
+        flags = {option.name: option.metadata["cli"] for option in OPTION_FIELDS}
+        named = ", ".join(flags.get(name, "--" + name.replace("_", "-")) for name in given)
+        raise EdkitError(
+            f"--resume {args.resume}: continues with the options stored in the checkpoint; "
+            f"{named} cannot be given with it (only --out, --quiet, --checkpoint-every)"
+        )
+    args.resume_folder = checkpoint.latest(Path(args.resume))
+    try:
+        config = json.loads((args.resume_folder / "config.json").read_text())
+        return int(config["options"]["devices"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1  # Refinement.load names the file and what is wrong with it
 
 
 if __name__ == "__main__":

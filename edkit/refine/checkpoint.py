@@ -4,10 +4,18 @@ Files: ``start.cif`` (readable) and ``start.npz`` (the exact starting arrays), `
 ``config.json`` (format version, options, counters, learning rates), ``state.npz`` (every leaf
 of the parameters, the optimiser state and the best parameters; no pickle) and ``history.nc``.
 Each file is written to a temporary name and renamed, so a checkpoint is never half-written.
+
+A *series* of checkpoints (what ``edkit refine`` writes into ``OUT/checkpoints/``) adds
+``run.json`` (the command line's schedule and position) and is atomic as a whole: each one is
+written into a hidden ``.NAME.partial`` folder, flushed to disk and renamed to
+``NNNN-stepSSSSSS`` (a sequence number and the step count), so a process killed mid-write leaves
+the previous checkpoint intact; the newest :data:`KEEP` are kept.
 """
 
 import json
 import os
+import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +37,11 @@ if TYPE_CHECKING:
 #: Version 2: the streamed core's optimiser state (apply_if_finite, per-group schedules).
 CHECKPOINT_VERSION = 2
 _BAD_FILE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+#: What ``config.json`` must hold besides the version.
+_CONFIG_KEYS = (
+    "options", "step_count", "seconds", "best_step", "best_loss", "base_learning_rates",
+    "enabled", "messages", "initial_thickness",
+)  # fmt: skip
 
 
 def _atomic(path: Path, write) -> None:
@@ -50,7 +63,7 @@ def save(refinement: "Refinement", folder: Path) -> Path:
 
     _atomic(folder / "start.npz", start_arrays)
     _atomic(folder / "data.nc", lambda p: refinement.dataset.to_netcdf(p, engine="h5netcdf"))
-    config = {
+    config: dict[str, Any] = {
         "version": CHECKPOINT_VERSION,
         "options": options_json(refinement.options),
         "step_count": refinement.step_count,
@@ -90,13 +103,23 @@ def read(
     """The start, data, options, config and state arrays of a checkpoint (EdkitError if not one,
     of another version, or corrupted)."""
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as error:
+        text = (folder / "config.json").read_text()
+    except OSError as error:
         raise EdkitError(f"{folder}: not an edkit checkpoint ({error})") from None
-    if config.get("version") != CHECKPOINT_VERSION:
+    try:
+        config = json.loads(text)
+    except ValueError as error:
+        raise EdkitError(f"{folder / 'config.json'}: corrupted checkpoint ({error})") from None
+    if not isinstance(config, dict) or config.get("version") != CHECKPOINT_VERSION:
+        version = config.get("version") if isinstance(config, dict) else None
         raise EdkitError(
-            f"{folder / 'config.json'}: checkpoint version {config.get('version')!r}; this "
+            f"{folder / 'config.json'}: checkpoint version {version!r}; this "
             f"edkit reads version {CHECKPOINT_VERSION}"
+        )
+    missing = sorted(set(_CONFIG_KEYS) - set(config))
+    if missing:
+        raise EdkitError(
+            f"{folder / 'config.json'}: corrupted checkpoint (no {', '.join(missing)})"
         )
     current = folder / "start.cif"
     try:
@@ -114,7 +137,11 @@ def read(
             arrays = {key: stored[key] for key in stored.files}
     except _BAD_FILE as error:
         raise EdkitError(f"{current}: corrupted checkpoint ({error})") from None
-    return crystal, dataset, options_from(**config["options"]), config, arrays
+    try:
+        options = options_from(**config["options"])
+    except (EdkitError, TypeError) as error:
+        raise EdkitError(f"{folder / 'config.json'}: {error}") from None
+    return crystal, dataset, options, config, arrays
 
 
 def restore(
@@ -134,7 +161,10 @@ def restore(
     refinement.best_step = int(config["best_step"])
     refinement.best_loss = float(config["best_loss"])
     refinement.messages = list(config["messages"])
-    refinement._records = records_from_history(folder / "history.nc")
+    try:
+        refinement._records = records_from_history(folder / "history.nc")
+    except (*_BAD_FILE, TypeError) as error:
+        raise EdkitError(f"{folder / 'history.nc'}: corrupted checkpoint ({error})") from None
 
 
 def _fill(template: Any, arrays: dict[str, np.ndarray], prefix: str) -> Any:
@@ -148,3 +178,98 @@ def _fill(template: Any, arrays: dict[str, np.ndarray], prefix: str) -> Any:
             )
         new.append(jnp.asarray(value, dtype=jnp.asarray(leaf).dtype))
     return jax.tree_util.tree_unflatten(treedef, new)
+
+
+# ---------------------------------------------------------------------------------- a series
+#: The folder of a series inside an output folder, and how many of its checkpoints are kept.
+SERIES = "checkpoints"
+KEEP = 2
+#: ``run.json``: what a series adds to :func:`save`'s files (the caller's schedule, position).
+RUN_FILE = "run.json"
+_NAME = re.compile(r"(\d+)-step(\d+)")
+
+
+def series(out: Path) -> list[Path]:
+    """The complete checkpoints in ``out/checkpoints``, oldest first (none: an empty list).
+
+    Hidden ``.*.partial`` folders (a write that was killed) are never listed.
+    """
+    folder = out / SERIES
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if _NAME.fullmatch(p.name)), key=_number)
+
+
+def _number(path: Path) -> int:
+    match = _NAME.fullmatch(path.name)
+    return int(match[1]) if match else 0
+
+
+def write_series(refinement: "Refinement", out: Path, run: dict[str, Any]) -> Path:
+    """Add a checkpoint of ``refinement`` with ``run`` (JSON) as ``run.json`` to
+    ``out/checkpoints`` atomically as a whole (see the module docstring); returns its folder.
+
+    Only the newest :data:`KEEP` checkpoints are kept, and the older ones are removed only after
+    the new one is in place, so at every instant one complete checkpoint exists.
+    """
+    folder = out / SERIES
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.partial"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    existing = series(out)
+    number = _number(existing[-1]) + 1 if existing else 1
+    name = f"{number:04d}-step{refinement.step_count:06d}"
+    partial = folder / f".{name}.partial"
+    save(refinement, partial)
+    _atomic(partial / RUN_FILE, lambda p: p.write_text(json.dumps(run, indent=1)))
+    # Flushed before the rename: after a power cut too the renamed folder holds whole files.
+    for path in partial.iterdir():
+        _fsync(path)
+    _fsync(partial)
+    final = folder / name
+    os.rename(partial, final)
+    _fsync(folder)
+    for old in existing[: max(0, len(existing) - (KEEP - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def latest(path: Path) -> Path:
+    """The checkpoint to resume from: the newest one in ``path/checkpoints``, or ``path`` itself
+    when it is a checkpoint folder. EdkitError naming ``path`` if there is none."""
+    if not path.is_dir():
+        raise EdkitError(f"{path}: no such folder (expected an edkit refine --out folder)")
+    found = series(path)
+    if found:
+        return found[-1]
+    if (path / "config.json").is_file():
+        return path
+    raise EdkitError(
+        f"{path}: no checkpoint in it (edkit refine writes them into {path / SERIES}; none was "
+        "complete)"
+    )
+
+
+def read_run(folder: Path) -> dict[str, Any]:
+    """A series checkpoint's ``run.json`` (EdkitError naming the file if missing or corrupt)."""
+    path = folder / RUN_FILE
+    try:
+        run = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EdkitError(
+            f"{path}: no such file; {folder} was not written by edkit refine (a folder of "
+            "Refinement.save resumes in Python with Refinement.load)"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise EdkitError(f"{path}: corrupted checkpoint ({error})") from None
+    if not isinstance(run, dict):
+        raise EdkitError(f"{path}: corrupted checkpoint (not a JSON object)")
+    return run

@@ -238,13 +238,16 @@ class Refinement:
     ) -> "Refinement":
         """Run ``steps`` steps with a progress bar; ``callback(self, record)`` after each.
 
-        A callback returning ``False`` stops the run. Returns ``self``.
+        The bar shows the steps done, the time per step, the estimated time left (tqdm's, from
+        the recent steps' times) and the last step's loss and Jana R_obs. A callback returning
+        ``False`` stops the run. Returns ``self``.
         """
-        bar = tqdm(range(steps), desc="refining", disable=not progress, leave=True)
+        bar = tqdm(range(steps), desc="refining", unit="step", disable=not progress, leave=True)
         for _ in bar:
             record = self._one_step()
-            if "r_obs" in record:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", R_obs=f"{record['r_obs']:.4f}")
+            shown = {"R_obs": f"{record['r_obs']:.4f}"} if "r_obs" in record else {"diverged": 1}
+            # Drawn by the bar's next refresh: one line per step, not two.
+            bar.set_postfix(loss=f"{record['loss']:.4g}", **shown, refresh=False)
             if callback is not None and callback(self, record) is False:
                 break
         return self
