@@ -19,6 +19,7 @@ from flax import nnx
 
 from edkit.errors import EdkitError
 from edkit.metrics import jana_residuals
+from edkit.progress import progress_bar
 from edkit.refine.core import (
     Intermediates,
     chunk_intensities,
@@ -96,16 +97,42 @@ def chunk_cost_terms(
 chunk_cost = jax.jit(chunk_cost_terms, static_argnums=(3,))
 
 
+def _sum_chunks(function: Any, compiled: Any, args: tuple, problem: Problem, bar: Any) -> Any:
+    """:func:`~edkit.refine.core.sum_over_chunks` with ``bar`` advanced by one per chunk (a
+    fused problem runs as one program: the bar advances once by all its chunks)."""
+    if problem.fused:
+        total = sum_over_chunks(function, compiled, args, problem)
+        bar.update(len(problem.chunks))
+        return total
+    total = None
+    for chunk in problem.chunks:
+        out = compiled(*args, chunk, problem.tables.reciprocal_basis, problem.config)
+        total = out if total is None else jax.tree.map(jnp.add, total, out)
+        bar.update()
+    return total
+
+
 class StructureLeastSquares:
     """Normal equations and costs over the free structural coefficients of a problem.
 
     Args:
       problem: the refinement's fixed data.
       pos_mask, adp_mask: free coefficients (see :func:`free_masks`).
+      progress: a progress bar (tqdm, with ETA) over the chunks of each normal-matrix
+        accumulation (the standard uncertainties' and each Levenberg–Marquardt iteration's);
+        None: where someone watches (:func:`edkit.progress.wants_progress`).
     """
 
-    def __init__(self, problem: Problem, pos_mask: np.ndarray, adp_mask: np.ndarray) -> None:
+    def __init__(
+        self,
+        problem: Problem,
+        pos_mask: np.ndarray,
+        adp_mask: np.ndarray,
+        *,
+        progress: bool | None = None,
+    ) -> None:
         self.problem = problem
+        self.progress = progress
         self.pos_mask, self.adp_mask = np.asarray(pos_mask), np.asarray(adp_mask)
         self.n_free = int(self.pos_mask.sum() + self.adp_mask.sum())
         if self.n_free == 0:
@@ -130,10 +157,12 @@ class StructureLeastSquares:
     def normal_equations(self, params: Any) -> NormalEquations:
         """Σ_c J_cᵀJ_c, Σ_c J_cᵀr_c and Σ_c r_cᵀr_c at ``params``, chunk by chunk."""
         problem = self.problem
-        z, tangents = self._tangents(params, problem)
-        normal, gradient, cost = sum_over_chunks(
-            chunk_normal_terms, chunk_normal, (z, tangents), problem
-        )
+        with progress_bar(len(problem.chunks) + 1, "normal matrix", "chunk", self.progress) as bar:
+            z, tangents = self._tangents(params, problem)  # dF/dθ: one forward-mode pass
+            bar.update()
+            normal, gradient, cost = _sum_chunks(
+                chunk_normal_terms, chunk_normal, (z, tangents), problem, bar
+            )
         return NormalEquations(
             np.asarray(normal), np.asarray(gradient), float(cost), self.n_residuals
         )
@@ -152,30 +181,38 @@ def levenberg_marquardt(
     *,
     damping: float = 1e-3,
     tolerance: float = 1e-6,
+    progress: bool | None = None,
 ) -> tuple[Any, list[float], float]:
     """Levenberg–Marquardt: (JᵀJ + λ diag JᵀJ) δ = −Jᵀr, a shift accepted if Σr² drops, λ
-    adapted. Returns (params, Σr² after each iteration, the final Σr²)."""
-    equations = least_squares.normal_equations(params)
-    cost = equations.cost
-    costs: list[float] = []
-    for _ in range(iterations):
-        normal, gradient = equations.normal, equations.gradient
-        accepted, improvement = False, 0.0
-        for _attempt in range(8):
-            lhs = normal + damping * np.diag(np.maximum(np.diag(normal), 1e-12))
-            shift = -np.linalg.solve(lhs, gradient)
-            trial = least_squares.shift(params, shift)
-            trial_cost = least_squares.cost(trial)
-            if np.isfinite(trial_cost) and trial_cost < cost:
-                accepted, improvement = True, (cost - trial_cost) / cost
-                params, cost = trial, trial_cost
-                damping = max(damping / 10.0, 1e-9)
-                break
-            damping *= 10.0
-        costs.append(cost)
-        if not accepted or improvement < tolerance:
-            break
+    adapted. Returns (params, Σr² after each iteration, the final Σr²).
+
+    ``progress``: a progress bar over the iterations with the cost (None: that of
+    ``least_squares``); each normal matrix has its own bar over the chunks."""
+    show = least_squares.progress if progress is None else progress
+    with progress_bar(iterations, "least squares", "iteration", show, leave=True) as bar:
         equations = least_squares.normal_equations(params)
+        cost = equations.cost
+        costs: list[float] = []
+        for _ in range(iterations):
+            normal, gradient = equations.normal, equations.gradient
+            accepted, improvement = False, 0.0
+            for _attempt in range(8):
+                lhs = normal + damping * np.diag(np.maximum(np.diag(normal), 1e-12))
+                shift = -np.linalg.solve(lhs, gradient)
+                trial = least_squares.shift(params, shift)
+                trial_cost = least_squares.cost(trial)
+                if np.isfinite(trial_cost) and trial_cost < cost:
+                    accepted, improvement = True, (cost - trial_cost) / cost
+                    params, cost = trial, trial_cost
+                    damping = max(damping / 10.0, 1e-9)
+                    break
+                damping *= 10.0
+            costs.append(cost)
+            bar.update()
+            bar.set_postfix(cost=f"{cost:.5g}", damping=f"{damping:.1e}")
+            if not accepted or improvement < tolerance:
+                break
+            equations = least_squares.normal_equations(params)
     return params, costs, cost
 
 

@@ -1,10 +1,10 @@
-"""Simulate every frame of a dataset and compare with its observations; thickness grid search.
+"""Simulate every frame of a dataset and compare with its observations; thickness search.
 
 The public face of the simulation layer: :func:`simulate_frames`, :func:`frame_comparison` and
-:func:`thickness_search` over the set-up of :mod:`edkit.simulate.setup` and the frame stack of
-:mod:`edkit.simulate.stack` (whose names are re-exported here for existing imports). Both
-simulations stream the frames chunk by chunk through one compiled kernel per chunk shape, so
-their memory is that of a chunk, not of the dataset.
+:func:`thickness_search` (from :mod:`edkit.simulate.thickness_search`) over the set-up of
+:mod:`edkit.simulate.setup` and the frame stack of :mod:`edkit.simulate.stack` (whose names are
+re-exported here for existing imports). Both stream the frames chunk by chunk, so their memory
+is that of a chunk, not of the dataset.
 """
 
 from typing import Any
@@ -44,6 +44,7 @@ from edkit.simulate.stack import (
     stack_config,
 )
 from edkit.simulate.stream import chunk_layout, stream_frames
+from edkit.simulate.thickness_search import DEFAULT_THICKNESS_GRID, thickness_search
 
 __all__ = [
     "CELL_MISMATCH",
@@ -222,88 +223,3 @@ def frame_comparison(
             {"units": "angstrom", "long_name": "mean thickness"},
         )
     return result
-
-
-DEFAULT_THICKNESS_GRID = np.arange(50.0, 2001.0, 25.0)  # Å
-
-
-def thickness_search(
-    crystal: Crystal,
-    dataset: xr.Dataset,
-    grid: Any = DEFAULT_THICKNESS_GRID,
-    *,
-    setup: FrameSetup | None = None,
-    absorption: float | None = None,
-    chunk_frames: int = 8,
-    **setup_options: Any,
-) -> xr.Dataset:
-    """Per-frame grid search of thickness: one eigendecomposition per sub-orientation serves the
-    whole grid.
-
-    For every grid value each frame is scaled (closed form) and scored by its per-frame R_obs on
-    |F| (diffBloch convention) over its scored reflections; the best grid value wins.
-
-    Args:
-      crystal, dataset: as for :func:`simulate_frames`.
-      grid: thicknesses to try, Å, 1-D.
-      setup: a ready :func:`build_frame_setup` result; else built with ``setup_options``.
-      absorption: κ of the proportional absorption model, or None.
-      chunk_frames: frames simulated at a time (memory is that of one chunk).
-
-    Returns:
-      Dataset with ``r_obs_frame`` (frame, thickness) — the curves —, ``thickness_best`` (frame,
-      Å; NaN for frames with no observed scored reflection) and ``r_obs_best`` (frame).
-    """
-    grid = np.asarray(grid, dtype=float)
-    if grid.ndim != 1 or grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid < 0):
-        raise EdkitError(f"grid: expected a 1-D array of thicknesses ≥ 0 Å, got {grid!r}")
-    if setup is None:
-        setup = build_frame_setup(crystal, dataset, **setup_options)
-    n_frames = setup.n_frames
-    with jax.enable_x64(True):
-        stack = stream_frames(
-            structure_params(crystal),
-            structure_tables(crystal),
-            setup,
-            np.broadcast_to(grid, (n_frames, grid.size)),
-            absorption=absorption,
-            chunk_frames=chunk_frames,
-        )  # (n_f, n_t, n)
-    beam = np.maximum(setup.refl_beam, 0)
-    per_refl = np.where(
-        (setup.refl_beam >= 0)[:, None], stack[setup.refl_frame, :, beam], 0.0
-    )  # (n_r, n_t)
-    scored = setup.scored
-    i_obs = dataset["I_obs"].values[scored]
-    sigma = dataset["sigma"].values[scored]
-    frames = setup.refl_frame[scored]
-    curves = np.stack(
-        [
-            metrics.frame_r_obs(i_obs, sigma, per_refl[scored, j], frames, n_frames)
-            for j in range(grid.size)
-        ],
-        axis=1,
-    )
-    finite = np.isfinite(curves).any(axis=1)
-    best_index = np.argmin(np.where(np.isfinite(curves), curves, np.inf), axis=1)
-    best = np.where(finite, grid[best_index], np.nan)
-    return xr.Dataset(
-        {
-            "r_obs_frame": (
-                ("frame", "thickness"),
-                curves,
-                {"units": "1", "long_name": "per-frame R_obs on |F| (diffBloch convention)"},
-            ),
-            "thickness_best": ("frame", best, {"units": "angstrom", "long_name": "best thickness"}),
-            "r_obs_best": (
-                "frame",
-                np.where(finite, curves[np.arange(n_frames), best_index], np.nan),
-                {"units": "1", "long_name": "per-frame R_obs at the best thickness"},
-            ),
-        },
-        coords={
-            "frame": setup.frame,
-            "thickness": ("thickness", grid, {"units": "angstrom", "long_name": "thickness"}),
-        },
-        attrs={k: v for k, v in setup.settings.items() if v is not None},
-    )
