@@ -100,7 +100,7 @@ def _start(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
     dataset = read_pets(args.data)
     if args.every > 1:
         dataset = select_frames(dataset, slice(0, None, args.every))
-    refinement = Refinement(crystal, dataset, **options)
+    refinement = Refinement(crystal, dataset, progress=False if args.quiet else None, **options)
     print(
         f"{len(dataset.frame)} frames, {int(refinement.setup.scored.sum())} scored reflections, "
         f"{refinement.setup.settings['n_sub']} sub-orientations per frame, beams per frame "
@@ -140,6 +140,7 @@ def _resume(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
         older = [p for p in checkpoint.series(folder.parent.parent) if p != folder]
         hint = f"; the previous checkpoint may be intact: --resume {older[-1]}" if older else ""
         raise EdkitError(f"{error}{hint}") from None
+    refinement.progress = False if args.quiet else None  # least squares' bars
     if args.out:
         out = Path(args.out)
     elif folder.parent.name == checkpoint.SERIES:

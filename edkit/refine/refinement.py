@@ -86,9 +86,13 @@ class Refinement:
     problem: Problem
 
     @x64
-    def __init__(self, crystal: Crystal, dataset: xr.Dataset, **options: Any) -> None:
+    def __init__(
+        self, crystal: Crystal, dataset: xr.Dataset, *, progress: bool | None = None, **options: Any
+    ) -> None:
+        # progress: bars for set-up, search and least squares (None: where someone watches).
         if isinstance(options.get("memory_limit"), str):
             options["memory_limit"] = parse_memory(options["memory_limit"])
+        self.progress = progress
         self._set_up(crystal, dataset, options_from(**options), None)
 
     @x64
@@ -101,7 +105,8 @@ class Refinement:
     ) -> None:
         """Everything fixed, in one place for a new refinement and a loaded checkpoint."""
         self.options, self.start_crystal, self.dataset = options, crystal, dataset
-        prepared = prepare(crystal, dataset, options, initial_thickness)
+        progress = getattr(self, "progress", None)  # a loaded checkpoint sets none
+        prepared = prepare(crystal, dataset, options, initial_thickness, progress=progress)
         params = prepared.params
         for name, value in vars(prepared).items():
             if name != "params":
@@ -368,7 +373,9 @@ class Refinement:
     def _structure_least_squares(self) -> lm.StructureLeastSquares:
         if self._least_squares is None:
             pos_mask, adp_mask = lm.free_masks(self.mapping, self.enabled)
-            self._least_squares = lm.StructureLeastSquares(self.problem, pos_mask, adp_mask)
+            self._least_squares = lm.StructureLeastSquares(
+                self.problem, pos_mask, adp_mask, progress=getattr(self, "progress", None)
+            )
         return self._least_squares
 
     @x64

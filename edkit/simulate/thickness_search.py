@@ -9,16 +9,10 @@ by zooming in (two levels of nine points: to 1.6 Å on a 25 Å grid) from the *s
 eigensystems before the chunk's memory is released. Only the amplitudes of the frame's scored
 reflections are kept (n_s × n_scored × n per frame, not n_s × n²).
 
-Per-frame minima alone are noisy: a frame's R curve is often flat or has several minima of
-similar depth, and a far-off structure makes them worse. The thickness of neighbouring frames
-(about 1° apart) hardly changes, so a smoothness prior joins them: log t follows a random walk
-over the rotation, relative change ``smoothness`` per √degree, and each frame contributes
-n_f log(R_f(t)/R_f,min) (the profile likelihood of its n_f observed reflections with an unknown
-misfit variance, R_f² standing in for the residual sum). The most probable path over the coarse
-grid (Viterbi) is the trend; each frame then takes, among its refined minima and its trend
-value, the one that minimises the same energy with its neighbours fixed. A frame whose own best
-minimum lies unusually far from the result (beyond ``outlier_tolerance`` and 3 robust standard
-deviations over the frames) is flagged as an outlier.
+Per-frame minima alone are noisy (flat curves, several minima of similar depth, worse from a
+far-off structure); neighbouring frames (about 1° apart) hardly differ in thickness, so a
+smoothness prior joins them (:mod:`edkit.simulate.thickness_prior`). A frame whose own best
+minimum lies unusually far from the result is flagged as an outlier.
 
 Why a prior and not only per-frame minima with outliers replaced: on the shipped synthetic quartz
 set, the kinematical start's own minima are within 10 % of quartz.cif's on 86 % of the frames
@@ -51,26 +45,21 @@ from edkit.simulate.setup import FrameSetup, build_frame_setup
 from edkit.simulate.stack import FrameArrays, StackConfig, frame_arrays, stack_config
 from edkit.simulate.stack import sub_batch_size as _sub_batch_size
 from edkit.simulate.stream import chunk_layout, potentials_jit
+from edkit.simulate.thickness_prior import (
+    DEFAULT_OUTLIER_TOLERANCE,
+    DEFAULT_SMOOTHNESS,
+    outlier_frames,
+    pair_weights,
+    robust_thickness,
+)
 
 DEFAULT_THICKNESS_GRID = np.arange(50.0, 2001.0, 25.0)  # Å
-#: Relative thickness change per √degree of rotation that the prior expects (a random walk in
-#: log t): neighbouring frames 1° apart differ by about 3 %, frames 10° apart by about 10 %.
-DEFAULT_SMOOTHNESS = 0.03
 #: Local minima of each frame's coarse curve refined from the eigensystems.
 DEFAULT_CANDIDATES = 3
 #: Zoom levels of the fine search (nine points each, the interval shrinking 4× per level): two
 #: reach 1.6 Å on a 25 Å grid.
 DEFAULT_LEVELS = 2
-#: A frame is flagged as an outlier when its own best thickness lies further than this (relative)
-#: from the chosen one, and further than ``_OUTLIER_SIGMAS`` robust standard deviations of that
-#: distance over all frames (per-frame minima scatter a lot on real data: only the unusual ones).
-DEFAULT_OUTLIER_TOLERANCE = 0.2
-_OUTLIER_SIGMAS = 3.0
 _ZOOM_POINTS = 9
-#: Added to R before logarithms (a frame fitted exactly would give log 0).
-_R_FLOOR = 1e-3
-#: Smallest rotation between neighbouring frames the prior divides by, degrees.
-_MIN_STEP_DEGREES = 0.05
 
 
 def _frame_eigensystems(
@@ -272,72 +261,6 @@ def _zoom(
     return best_t, best_r
 
 
-def _pair_weights(setup: FrameSetup, smoothness: float) -> np.ndarray:
-    """Prior weights 1/(2 s² Δθ) of consecutive frames, (n_f − 1,); Δθ: their rotation, °."""
-    o = setup.rotations
-    cosine = (np.einsum("fij,fij->f", o[1:], o[:-1]) - 1.0) / 2.0
-    step = np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
-    return 1.0 / (2.0 * smoothness**2 * np.maximum(step, _MIN_STEP_DEGREES))
-
-
-def _data_term(r: np.ndarray, r_min: np.ndarray, n_obs: np.ndarray) -> np.ndarray:
-    """n_f log((R + ε)/(R_min + ε)); 0 where R is unknown (frames without observations)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        term = n_obs[:, None] * np.log((r + _R_FLOOR) / (r_min[:, None] + _R_FLOOR))
-    return np.where(np.isfinite(term), term, 0.0)
-
-
-def _viterbi(data: np.ndarray, log_grid: np.ndarray, pair: np.ndarray) -> np.ndarray:
-    """Grid indices (n_f,) minimising Σ_f data_f(t_f) + Σ_f pair_f (log t_f − log t_{f+1})²."""
-    jump = (log_grid[:, None] - log_grid[None, :]) ** 2
-    cost, back = data[0].copy(), []
-    for f in range(1, data.shape[0]):
-        total = cost[:, None] + pair[f - 1] * jump
-        back.append(np.argmin(total, axis=0))
-        cost = total[back[-1], np.arange(log_grid.size)] + data[f]
-    path = [int(np.argmin(cost))]
-    for pointer in back[::-1]:
-        path.append(int(pointer[path[-1]]))
-    return np.array(path[::-1])
-
-
-def robust_thickness(
-    curves: np.ndarray,
-    grid: np.ndarray,
-    candidates: np.ndarray,
-    candidate_r: np.ndarray,
-    n_obs: np.ndarray,
-    pair: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The smoothness-prior choice of each frame's thickness (see the module docstring).
-
-    Args:
-      curves: coarse R per frame, (n_f, n_t); NaN rows for frames without observations.
-      grid: coarse thicknesses, Å, (n_t,).
-      candidates, candidate_r: refined local minima per frame, Å, and their R, (n_f, k).
-      n_obs: observed reflections per frame, (n_f,).
-      pair: prior weights between consecutive frames, (n_f − 1,).
-
-    Returns:
-      (chosen thickness, Å, (n_f,); its R, (n_f,); the trend (most probable coarse path), Å,
-      (n_f,)).
-    """
-    r_min = np.fmin(np.min(np.where(np.isfinite(curves), curves, np.inf), 1), candidate_r.min(1))
-    log_grid = np.log(np.maximum(grid, 1.0))
-    path = _viterbi(_data_term(curves, r_min, n_obs), log_grid, pair)
-    trend = grid[path]
-    options_t = np.concatenate([trend[:, None], candidates], axis=1)
-    options_r = np.concatenate([curves[np.arange(len(path)), path][:, None], candidate_r], 1)
-    energy = _data_term(options_r, r_min, n_obs)
-    log_t = np.log(np.maximum(options_t, 1.0))
-    energy[1:] += pair[:, None] * (log_t[1:] - np.log(np.maximum(trend[:-1], 1.0))[:, None]) ** 2
-    energy[:-1] += pair[:, None] * (log_t[:-1] - np.log(np.maximum(trend[1:], 1.0))[:, None]) ** 2
-    energy = np.where(np.isfinite(options_r), energy, np.inf)
-    pick = np.argmin(energy, axis=1)
-    rows = np.arange(len(pick))
-    return options_t[rows, pick], options_r[rows, pick], trend
-
-
 def thickness_search(
     crystal: Crystal,
     dataset: xr.Dataset,
@@ -457,20 +380,6 @@ def thickness_search(
                    outlier_tolerance)  # fmt: skip
 
 
-def _outliers(raw: np.ndarray, chosen: np.ndarray, tolerance: float) -> np.ndarray:
-    """Frames whose own best thickness lies unusually far from the chosen one: |log(raw/chosen)|
-    beyond both ``_OUTLIER_SIGMAS`` robust standard deviations (1.4826 × the median absolute
-    deviation over the frames) and log(1 + tolerance). NaN frames are never outliers."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        distance = np.log(np.maximum(raw, 1.0) / np.maximum(chosen, 1.0))
-    known = np.isfinite(distance)
-    if not known.any():
-        return known
-    spread = 1.4826 * np.median(np.abs(distance[known] - np.median(distance[known])))
-    limit = max(_OUTLIER_SIGMAS * spread, float(np.log1p(tolerance)))
-    return known & (np.abs(np.where(known, distance, 0.0)) > limit)
-
-
 def _result(
     setup: FrameSetup,
     grid: np.ndarray,
@@ -489,12 +398,12 @@ def _result(
     safe_r = np.where(np.isfinite(cand_r), cand_r, np.inf)
     safe_t = np.where(np.isfinite(cand_t), cand_t, grid[0])
     best_t, best_r, trend = robust_thickness(
-        curves, grid, safe_t, safe_r, n_obs, _pair_weights(setup, smoothness)
+        curves, grid, safe_t, safe_r, n_obs, pair_weights(setup, smoothness)
     )
     if not robust:
         best_t, best_r = raw_t, raw_r
     best_t, best_r = np.where(finite, best_t, np.nan), np.where(finite, best_r, np.nan)
-    outlier = _outliers(raw_t, best_t, tolerance)
+    outlier = outlier_frames(raw_t, best_t, tolerance)
     r_attrs = {"units": "1", "long_name": "per-frame R_obs on |F| (diffBloch convention)"}
     return xr.Dataset(
         {
