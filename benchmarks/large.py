@@ -144,7 +144,12 @@ def measure(method: str, args) -> dict:
         if args.n_sub != CASES[args.case]["n_sub"]:
             options["n_sub"] = args.n_sub  # a small test's sub-orientations (not a default)
         return measure_pipeline(
-            _crystal(args), _dataset(args), options, args.pipeline_steps, args.pipeline_lm
+            _crystal(args),
+            _dataset(args),
+            options,
+            args.pipeline_steps,
+            args.pipeline_lm,
+            args.pipeline_lm_frames,
         )
     if method == "refine-step":
         return measure_refine_step(args)
@@ -321,6 +326,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--pipeline-steps", type=int, default=3, help="Adam steps run")
     parser.add_argument("--pipeline-lm", type=int, default=1, help="LM iterations run")
+    parser.add_argument(
+        "--pipeline-lm-frames", type=int, default=0,
+        help="run LM and s.u.'s on this many frames and scale (0: all frames)",
+    )  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.paper_settings:
@@ -356,7 +365,8 @@ def main() -> None:
         methods.remove("pipeline")
         command = [sys.executable, __file__, "--one", "pipeline", *command_args]
         command += ["--pipeline-steps", str(args.pipeline_steps), "--pipeline-lm"]
-        done = subprocess.run([*command, str(args.pipeline_lm)], stdout=subprocess.PIPE, text=True)
+        command += [str(args.pipeline_lm), "--pipeline-lm-frames", str(args.pipeline_lm_frames)]
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
         if done.returncode != 0:
             sys.exit(f"pipeline failed (exit {done.returncode}); its messages are above")
         print_pipeline(json.loads(done.stdout.strip().splitlines()[-1]))
