@@ -6,7 +6,11 @@ same matrices in the same run, and value-and-grad time over forward time. Physic
 random beam sets (S ~ 1e-2 Å⁻¹, U ~ 1e-2 Å⁻²). ``--real``: real symmetric matrices (a
 centrosymmetric crystal with its inversion centre at the origin: real U) against
 ``numpy.linalg.eigh`` on the same real matrices, and the real forward's ratio to the complex one.
-Run: ``python benchmarks/kernel.py [--quick] [--real]``.
+Last row: the whole ``edkit.simulate_pattern`` (beam choice, bookkeeping, structure factors,
+solve, DataArray) at N ≈ 600 on CsPbBr₃ (centrosymmetric: a real symmetric solve) against
+``numpy.linalg.eigh`` of that pattern's own structure matrix, both timed in the same run.
+Run: ``python benchmarks/kernel.py [--quick] [--real] [--sizes N ...]`` (``--sizes`` with no
+value: the pattern row only).
 """
 
 import argparse
@@ -18,7 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from timing import best_time  # benchmarks/timing.py (script dir on sys.path)
 
+import edkit
+from edkit.constants import potential_prefactor
 from edkit.physics import bloch
+from edkit.physics.beams import coupling_indices
+from edkit.physics.structure import structure_factors_of, structure_params, structure_tables
+from edkit.simulate.pattern import beam_direction, make_pattern_model
 
 jax.config.update("jax_enable_x64", True)  # a script, not the library: float64 throughout
 
@@ -55,6 +64,7 @@ def main() -> None:
         if args.real:
             real_forward = bench_size(n, k_mag, thickness, args.quick, real=True)
             print(f"{'':5} real forward / complex forward: {real_forward / complex_forward:.2f}")
+    bench_pattern(thickness, args.quick)
 
 
 def bench_size(n: int, k_mag: float, thickness: jax.Array, quick: bool, real: bool) -> float:
@@ -91,6 +101,49 @@ def bench_size(n: int, k_mag: float, thickness: jax.Array, quick: bool, real: bo
         f"{t_grad * 1e3:9.2f} {t_grad / t_forward:8.2f}  {'real' if real else 'complex'}"
     )
     return t_forward
+
+
+#: simulate_pattern case of the last row: CsPbBr₃ (Pbnm, 813 Å³), a general direction near [100]
+#: with g_max 2.0 Å⁻¹ and the default sg_max 0.02 Å⁻¹: 605 beams.
+PATTERN_CIF = "cspbbr3.cif"
+PATTERN_AXIS = (1.0, 0.03, 0.01)
+PATTERN_G_MAX = 2.0  # Å⁻¹
+
+
+def bench_pattern(thickness: jax.Array, quick: bool) -> tuple[float, float]:
+    """Time ``simulate_pattern`` at N ≈ 600 and LAPACK ``eigh`` of its real symmetric structure
+    matrix (π/K)·A, print the row and return (pattern, eigh) seconds."""
+    crystal = edkit.read_cif(edkit.example_file(PATTERN_CIF))
+    t = np.asarray(thickness)
+    repeats = 3 if quick else 10
+
+    def pattern():
+        return edkit.simulate_pattern(crystal, PATTERN_AXIS, t, g_max=PATTERN_G_MAX)
+
+    n = pattern().sizes["beam"]  # also compiles: timed below warm, as every row here
+    t_pattern = best_time(pattern, repeats)
+    with jax.enable_x64(True):
+        model = make_pattern_model(crystal, PATTERN_AXIS, g_max=PATTERN_G_MAX)
+        differences, index = coupling_indices(model.hkl)
+        f = structure_factors_of(structure_params(crystal), structure_tables(crystal), differences)
+        g = jnp.asarray(model.hkl @ crystal.reciprocal_basis)
+        k_hat = beam_direction(crystal.real_basis, PATTERN_AXIS)
+        k_mag = model.wave_number
+        a = bloch.structure_matrix(
+            bloch.excitation_errors(g, k_hat, k_mag),
+            bloch.metric_factors(g @ k_hat, k_mag),
+            potential_prefactor(200e3) * jnp.real(f)[index],
+            k_mag,
+        )
+        matrix = np.ascontiguousarray(np.real(np.asarray(a)) * np.pi / k_mag)
+    assert matrix.shape == (n, n)
+    t_lapack = best_time(lambda: np.linalg.eigh(matrix), repeats)
+    print(
+        f"simulate_pattern at N≈600 (CsPbBr₃, N = {n}, {len(t)} thicknesses) vs LAPACK eigh of "
+        f"the same N (real symmetric): {t_pattern * 1e3:.1f} ms vs {t_lapack * 1e3:.1f} ms, "
+        f"ratio {t_pattern / t_lapack:.2f}"
+    )
+    return t_pattern, t_lapack
 
 
 if __name__ == "__main__":

@@ -16,7 +16,13 @@ import xarray as xr
 from edkit.constants import electron_wavelength
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
-from edkit.physics.beams import DEFAULT_G_MAX, excitation_errors_np, reflections_within
+from edkit.physics.beams import (
+    DEFAULT_G_MAX,
+    centring_translations,
+    excitation_errors_np,
+    index_differences,
+    reflections_within,
+)
 from edkit.physics.geometry import frame_orientations
 from edkit.physics.orientation import rotation_x
 from edkit.physics.rocking import LAB_BEAM, sub_orientation_angles, sub_orientation_weights
@@ -136,6 +142,7 @@ def build_frame_setup(
     pad_to: int | None = None,
     sg_weak: float | None = None,
     bethe_terms: int | None = None,
+    prune_centring: bool = True,
 ) -> FrameSetup:
     """Plan the simulation of every frame of ``dataset`` (see :class:`FrameSetup`).
 
@@ -155,6 +162,10 @@ def build_frame_setup(
       bethe_terms: build the Bethe correction from this many Chebyshev terms in the rotation
         angle, shared by the frame's sub-orientations (``frame_intensities``' ``bethe_terms``);
         None: exactly at every sub-orientation.
+      prune_centring: leave the reflections the lattice centring forbids (I, F, A/B/C, R) out of
+        the strong and weak beams: they couple to no allowed beam, so no intensity changes, only
+        the cost (observed reflections at such positions are then not simulated: refl_beam −1).
+        Screw and glide absences always stay (double diffraction excites them).
     """
     check_cell(crystal, dataset)
     for name, value in (("g_max", g_max), ("sg_max", sg_max), ("rsg", rsg), ("dsg", dsg)):
@@ -188,15 +199,20 @@ def build_frame_setup(
             for a, t in zip(angles, semiangles, strict=True)
         ]
     )
-    candidates = reflections_within(reciprocal, g_max)
+    centring = None
+    if prune_centring:
+        centring = centring_translations(crystal.rotations, crystal.translations)
+    candidates = reflections_within(reciprocal, g_max, centring)
     g_candidates = candidates @ reciprocal
+    g_half_squared = np.einsum("ij,ij->i", g_candidates, g_candidates) / (2.0 * k_mag)
     frame_beams, frame_weak = [], []
     for rotation, frame_angles in zip(rotations, angles, strict=True):
         k_hats = np.stack(
             [(rotation_x(phi, xp=np) @ rotation).T @ LAB_BEAM for phi in frame_angles]
         )
-        s = np.stack([excitation_errors_np(g_candidates, k, k_mag) for k in k_hats])
-        closest = np.min(np.abs(s), axis=0)
+        # S_g of every candidate at every sub-orientation (excitation_errors_np) in one matmul.
+        s = -(g_candidates @ k_hats.T) - g_half_squared[:, None]
+        closest = np.min(np.abs(s), axis=1)
         keep = closest <= sg_max
         keep[0] = True  # 000
         frame_beams.append(candidates[keep])
@@ -265,6 +281,7 @@ def build_frame_setup(
             "rsg": float(rsg),
             "dsg": float(dsg),
             "mosaicity": float(mosaicity),
+            "prune_centring": int(prune_centring),  # 0/1: netCDF attrs
         },
     )
 
@@ -277,48 +294,38 @@ def _coupling_indices(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Every distinct h_j − h_i between the beams of a frame, and per frame its index.
 
-    Frame by frame over the real beams only (padding points at 000 and is masked anyway), so the
-    memory stays that of one frame's n² + 2·n·n_w pairs, not of every frame padded to the largest.
+    Frame by frame over the real beams only (padding points at 000 and is masked anyway), with
+    :func:`edkit.physics.beams.index_differences` (a dense table over the hkl box, no sort)
+    writing straight into the padded arrays, so the working memory stays that of one frame's
+    n² + 2·n·n_w pairs.
 
     Returns:
       differences (m, 3) sorted lexicographically; coupling (n_f, size, size) int32 for h_j − h_i;
       coupling_out (n_f, size, weak_size) for h_w − h_i and coupling_in (n_f, weak_size, size)
       for h_j − h_w, or None without weak beams.
     """
-    every = np.concatenate([*frame_beams, *(frame_weak or [])])
-    reach = 2 * int(np.abs(every).max()) if every.size else 0
-    base = 2 * reach + 1
-
-    def keys(h_to: np.ndarray, h_from: np.ndarray) -> np.ndarray:
-        # One int64 key per difference h_to[j] − h_from[i], shape (len(h_from), len(h_to)): a
-        # 1-D unique is ~10× faster than unique(axis=0), and keys sort lexicographically.
-        d = h_to[None, :, :] - h_from[:, None, :] + reach
-        return (d[..., 0] * base + d[..., 1]) * base + d[..., 2]
-
-    blocks = []
-    for f, beams in enumerate(frame_beams):
-        blocks.append([keys(beams, beams)])
-        if frame_weak is not None:
-            blocks[-1] += [keys(frame_weak[f], beams), keys(beams, frame_weak[f])]
-    zero = keys(np.zeros((1, 3), np.int64), np.zeros((1, 3), np.int64)).ravel()
-    unique = np.unique(np.concatenate([zero] + [np.unique(k) for b in blocks for k in b]))
-    differences = (
-        np.stack([unique // base**2, (unique // base) % base, unique % base], axis=1) - reach
-    )
-    padding = int(np.searchsorted(unique, zero[0]))
     n_f = len(frame_beams)
-    coupling = np.full((n_f, size, size), padding, dtype=np.int32)
-    for f, frame_blocks in enumerate(blocks):
-        n = len(frame_beams[f])
-        coupling[f, :n, :n] = np.searchsorted(unique, frame_blocks[0])
-    if frame_weak is None or weak_size is None:
-        return differences, coupling, None, None
-    coupling_out = np.full((n_f, size, weak_size), padding, dtype=np.int32)
-    coupling_in = np.full((n_f, weak_size, size), padding, dtype=np.int32)
-    for f, frame_blocks in enumerate(blocks):
-        n, n_w = len(frame_beams[f]), len(frame_weak[f])
-        coupling_out[f, :n, :n_w] = np.searchsorted(unique, frame_blocks[1])
-        coupling_in[f, :n_w, :n] = np.searchsorted(unique, frame_blocks[2])
+    weak = frame_weak is not None and weak_size is not None
+    zero = np.zeros((1, 3), dtype=np.int64)
+    zero_index = np.zeros((1, 1), dtype=np.int32)
+    # −1 marks padding until the index of 000 (where padding points) is known.
+    coupling = np.full((n_f, size, size), -1, dtype=np.int32)
+    coupling_out = np.full((n_f, size, weak_size or 0), -1, dtype=np.int32) if weak else None
+    coupling_in = np.full((n_f, weak_size or 0, size), -1, dtype=np.int32) if weak else None
+    pairs, out = [(zero, zero)], [zero_index]  # 000 itself, the padding's difference
+    for f, beams in enumerate(frame_beams):
+        n = len(beams)
+        pairs.append((beams, beams))
+        out.append(coupling[f, :n, :n])
+        if frame_weak is not None and coupling_out is not None and coupling_in is not None:
+            n_w = len(frame_weak[f])
+            pairs += [(beams, frame_weak[f]), (frame_weak[f], beams)]
+            out += [coupling_out[f, :n, :n_w], coupling_in[f, :n_w, :n]]
+    differences, _ = index_differences(pairs, out)
+    padding = int(zero_index[0, 0])
+    for index in (coupling, coupling_out, coupling_in):
+        if index is not None:
+            np.copyto(index, padding, where=index < 0)
     return differences, coupling, coupling_out, coupling_in
 
 
