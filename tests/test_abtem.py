@@ -142,6 +142,7 @@ def edkit_result(silicon):
         g_max=G_MAX,
         sg_max=SG_MAX,
         mean_inner_potential=False,
+        prune_centring=False,  # abTEM keeps the F-forbidden beams (centering="P"): same set
     )
     hkl = np.stack([pattern.h.values, pattern.k.values, pattern.l.values], axis=1)
     return hkl, pattern.excitation_error.values, pattern.values
