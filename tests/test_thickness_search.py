@@ -178,3 +178,23 @@ def test_bad_settings_are_refused(quartz, synthetic) -> None:
             thickness_search(quartz, dataset, GRID, **options)
     with pytest.raises(EdkitError, match="grid"):
         thickness_search(quartz, dataset, [[100.0]])
+
+
+def test_curves_of_a_centric_crystal_are_those_of_the_full_solve(data_dir) -> None:
+    """Glycine (P2₁/n, the inversion at the origin): real symmetric solves, real amplitudes; the
+    curves must still carry the complex phases e^{itλ} (a real cast would keep only cos)."""
+    crystal = read_cif(data_dir / "structures" / "glycine.cif")
+    dataset = select_frames(read_pets(data_dir / "pets" / "glycine_dyn.cif_pets"), slice(0, 3))
+    setup, plain = _search(crystal, dataset, levels=0, robust=False)
+    assert setup.settings["centric"]
+    stack = stream_frames(
+        structure_params(crystal), structure_tables(crystal), setup,
+        np.broadcast_to(GRID, (3, GRID.size)),
+    )  # fmt: skip
+    beam, scored = np.maximum(setup.refl_beam, 0), setup.scored
+    for j in (3, 20, GRID.size - 1):
+        expected = metrics.frame_r_obs(
+            dataset["I_obs"].values[scored], dataset["sigma"].values[scored],
+            stack[setup.refl_frame, j, beam][scored], setup.refl_frame[scored], 3,
+        )  # fmt: skip
+        np.testing.assert_allclose(plain["r_obs_frame"].values[:, j], expected, rtol=1e-10)

@@ -170,7 +170,9 @@ def _intensities(
     def one(x):
         lam, amp, w, t = x
         phases = jnp.exp(1j * t[:, None, None] * lam[None, :, :])  # (n_t, n_s, n)
-        psi = jnp.einsum("tsn,srn->tsr", phases.astype(amp.dtype), amp)
+        # Real amplitudes (real symmetric solves of centric crystals) keep complex phases.
+        complex_dtype = jnp.result_type(amp.dtype, jnp.complex64)
+        psi = jnp.einsum("tsn,srn->tsr", phases.astype(complex_dtype), amp.astype(complex_dtype))
         return jnp.einsum("s,tsr->tr", w, jnp.abs(psi) ** 2)
 
     return jax.lax.map(one, (eigenvalues, amplitudes, weights, thickness))
