@@ -11,9 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import sys
-import threading
 import time
 import typing
 from pathlib import Path
@@ -23,7 +21,14 @@ from edkit.errors import EdkitError
 from edkit.examples import example_file
 from edkit.refine import checkpoint
 from edkit.refine.options import CHOICES, RefinementOptions, options_from, parse_memory
-from edkit.refine.schedule import CHECKPOINT_SECONDS, Checkpointer, from_run, run_schedule
+from edkit.refine.schedule import (
+    CHECKPOINT_SECONDS,
+    Checkpointer,
+    DeferredInterrupt,
+    StepTimeEstimate,
+    from_run,
+    run_schedule,
+)
 
 OPTION_FIELDS = tuple(f for f in dataclasses.fields(RefinementOptions) if f.metadata["cli"])
 DEFAULT_OUT = "edkit-out"
@@ -60,10 +65,10 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
         describe=lambda: {**run, "wall_seconds": prior + time.perf_counter() - started},
         on_write=lambda path: _say(f"checkpoint: {path}"),
     )
-    with _DeferredInterrupt() as interrupt:
+    with DeferredInterrupt() as interrupt:
         outcome = run_schedule(
             refinement, schedule, checkpointer, position, progress=not args.quiet,
-            stop=lambda: interrupt.requested, on_step=_Estimate(refinement),
+            stop=lambda: interrupt.requested, on_step=StepTimeEstimate(refinement, _say),
         )  # fmt: skip
     if outcome.stopped:
         raise _Stopped(refinement.step_count, outcome.checkpoint, out)
@@ -168,71 +173,6 @@ def _say(message: str) -> None:
 
     tqdm.write(message, file=sys.stdout)
     sys.stdout.flush()
-
-
-class _Estimate:
-    """Prints the time the remaining Adam steps will take, from the measured step times: after
-    this process's first step (which includes compiling the step, so an upper bound) and again
-    after its second (compiled: the rate to expect)."""
-
-    def __init__(self, refinement: Any) -> None:
-        self.seconds, self.steps = refinement.seconds, 0
-
-    def __call__(self, refinement: Any, record: dict[str, float], left: int) -> None:
-        self.steps += 1
-        took, self.seconds = refinement.seconds - self.seconds, refinement.seconds
-        if self.steps > 2 or left == 0:
-            return
-        basis = (
-            "it includes compiling the step, so this is an upper bound"
-            if self.steps == 1
-            else "a compiled step's time"
-        )
-        _say(
-            f"step {refinement.step_count} took {_duration(took)}; at that rate the {left} "
-            f"Adam step(s) left take about {_duration(left * took)} ({basis}; "
-            "Levenberg–Marquardt rounds and checkpoints not included)"
-        )
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-class _DeferredInterrupt:
-    """SIGINT (Ctrl-C) asks the run to stop after the current step and write a checkpoint; a
-    second one stops at once (KeyboardInterrupt; the previous checkpoint stays usable).
-
-    Deferred because a step interrupted half-way leaves no consistent state to save.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> "_DeferredInterrupt":
-        if threading.current_thread() is threading.main_thread():  # signals: main thread only
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            "\nedkit: interrupted: finishing the current step (or Levenberg–Marquardt round) "
-            "to write a checkpoint; press Ctrl-C again to stop at once without one",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 class _Stopped(Exception):

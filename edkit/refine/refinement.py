@@ -84,12 +84,13 @@ class Refinement:
     base_learning_rates: dict[str, float]
     enabled: dict[str, bool]
     problem: Problem
+    #: Bars for set-up, search and least squares (None: where someone watches; also on load).
+    progress: bool | None = None
 
     @x64
     def __init__(
         self, crystal: Crystal, dataset: xr.Dataset, *, progress: bool | None = None, **options: Any
     ) -> None:
-        # progress: bars for set-up, search and least squares (None: where someone watches).
         if isinstance(options.get("memory_limit"), str):
             options["memory_limit"] = parse_memory(options["memory_limit"])
         self.progress = progress
@@ -105,8 +106,7 @@ class Refinement:
     ) -> None:
         """Everything fixed, in one place for a new refinement and a loaded checkpoint."""
         self.options, self.start_crystal, self.dataset = options, crystal, dataset
-        progress = getattr(self, "progress", None)  # a loaded checkpoint sets none
-        prepared = prepare(crystal, dataset, options, initial_thickness, progress=progress)
+        prepared = prepare(crystal, dataset, options, initial_thickness, progress=self.progress)
         params = prepared.params
         for name, value in vars(prepared).items():
             if name != "params":
@@ -241,12 +241,8 @@ class Refinement:
         *,
         progress: bool = True,
     ) -> "Refinement":
-        """Run ``steps`` steps with a progress bar; ``callback(self, record)`` after each.
-
-        The bar shows the steps done, the time per step, the estimated time left (tqdm's, from
-        the recent steps' times) and the last step's loss and Jana R_obs. A callback returning
-        ``False`` stops the run. Returns ``self``.
-        """
+        """Run ``steps`` steps with a progress bar (steps, time left, last loss and Jana R_obs);
+        ``callback(self, record)`` after each, returning ``False`` to stop. Returns ``self``."""
         bar = tqdm(range(steps), desc="refining", unit="step", disable=not progress, leave=True)
         for _ in bar:
             record = self._one_step()
@@ -258,11 +254,8 @@ class Refinement:
         return self
 
     def panel(self, **options: Any) -> Any:
-        """Deprecated: use ``edkit.widgets.RefinementPanel(refinement, **options)``.
-
-        (The refinement layer does not import the widgets above it; this shim stays for
-        existing notebooks and will be removed in a later release.)
-        """
+        """Deprecated: use ``edkit.widgets.RefinementPanel(refinement, **options)`` (this layer
+        does not import the widgets above it; the shim stays for existing notebooks)."""
         warnings.warn(
             "Refinement.panel() is deprecated; use edkit.widgets.RefinementPanel(refinement)",
             DeprecationWarning,
@@ -374,7 +367,7 @@ class Refinement:
         if self._least_squares is None:
             pos_mask, adp_mask = lm.free_masks(self.mapping, self.enabled)
             self._least_squares = lm.StructureLeastSquares(
-                self.problem, pos_mask, adp_mask, progress=getattr(self, "progress", None)
+                self.problem, pos_mask, adp_mask, progress=self.progress
             )
         return self._least_squares
 

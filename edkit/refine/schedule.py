@@ -10,6 +10,9 @@ same steps on the same state as an uninterrupted one, so on CPU it ends bit-iden
 """
 
 import dataclasses
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -205,3 +208,68 @@ def _stopped(
     refinement: "Refinement", schedule: Schedule, checkpointer: Checkpointer, position: Position
 ) -> Outcome:
     return Outcome(position, True, checkpointer.write(refinement, schedule, position))
+
+
+class StepTimeEstimate:
+    """Prints the time the remaining Adam steps will take, from the measured step times: after
+    this process's first step (which includes compiling the step, so an upper bound) and again
+    after its second (compiled: the rate to expect)."""
+
+    def __init__(self, refinement: Any, say: Callable[[str], None] = print) -> None:
+        self.seconds, self.steps, self.say = refinement.seconds, 0, say
+
+    def __call__(self, refinement: Any, record: dict[str, float], left: int) -> None:
+        self.steps += 1
+        took, self.seconds = refinement.seconds - self.seconds, refinement.seconds
+        if self.steps > 2 or left == 0:
+            return
+        basis = (
+            "it includes compiling the step, so this is an upper bound"
+            if self.steps == 1
+            else "a compiled step's time"
+        )
+        self.say(
+            f"step {refinement.step_count} took {_duration(took)}; at that rate the {left} "
+            f"Adam step(s) left take about {_duration(left * took)} ({basis}; "
+            "Levenberg–Marquardt rounds and checkpoints not included)"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class DeferredInterrupt:
+    """SIGINT (Ctrl-C) asks the run to stop after the current step and write a checkpoint; a
+    second one stops at once (KeyboardInterrupt; the previous checkpoint stays usable).
+
+    Deferred because a step interrupted half-way leaves no consistent state to save.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "DeferredInterrupt":
+        if threading.current_thread() is threading.main_thread():  # signals: main thread only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nedkit: interrupted: finishing the current step (or Levenberg–Marquardt round) "
+            "to write a checkpoint; press Ctrl-C again to stop at once without one",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -406,36 +406,23 @@ def _result(
         best_t, best_r = raw_t, raw_r
     best_t, best_r = np.where(finite, best_t, np.nan), np.where(finite, best_r, np.nan)
     outlier = outlier_frames(raw_t, best_t, tolerance)
+
+    def per_frame(values: np.ndarray, units: str | None, long_name: str) -> tuple:
+        attrs = {"long_name": long_name} | ({"units": units} if units else {})
+        return ("frame", values, attrs)
+
     r_attrs = {"units": "1", "long_name": "per-frame R_obs on |F| (diffBloch convention)"}
     return xr.Dataset(
         {
             "r_obs_frame": (("frame", "thickness"), curves, r_attrs),
-            "thickness_best": ("frame", best_t, {"units": "angstrom", "long_name": "thickness"}),
-            "r_obs_best": (
-                "frame",
-                best_r,
-                {"units": "1", "long_name": "per-frame R_obs at the chosen thickness"},
+            "thickness_best": per_frame(best_t, "angstrom", "thickness"),
+            "r_obs_best": per_frame(best_r, "1", "per-frame R_obs at the chosen thickness"),
+            "thickness_raw": per_frame(raw_t, "angstrom", "each frame's own best thickness"),
+            "r_obs_raw": per_frame(raw_r, "1", "per-frame R_obs at its own best"),
+            "thickness_trend": per_frame(
+                trend, "angstrom", "most probable thickness path (coarse grid)"
             ),
-            "thickness_raw": (
-                "frame",
-                raw_t,
-                {"units": "angstrom", "long_name": "each frame's own best thickness"},
-            ),
-            "r_obs_raw": (
-                "frame",
-                raw_r,
-                {"units": "1", "long_name": "per-frame R_obs at its own best"},
-            ),
-            "thickness_trend": (
-                "frame",
-                trend,
-                {"units": "angstrom", "long_name": "most probable thickness path (coarse grid)"},
-            ),
-            "outlier": (
-                "frame",
-                outlier,
-                {"long_name": "own best unusually far from the chosen thickness"},
-            ),
+            "outlier": per_frame(outlier, None, "own best unusually far from the chosen thickness"),
             "thickness_candidates": (
                 ("frame", "candidate"),
                 cand_t,
