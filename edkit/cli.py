@@ -20,6 +20,8 @@ from typing import Any
 from edkit.errors import EdkitError
 from edkit.examples import example_file
 from edkit.refine import checkpoint
+from edkit.refine.convergence import MAX_STEPS, Convergence
+from edkit.refine.lm import SHIFT_TOLERANCE
 from edkit.refine.options import CHOICES, RefinementOptions, options_from, parse_memory
 from edkit.refine.schedule import (
     CHECKPOINT_SECONDS,
@@ -52,8 +54,10 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     left = schedule.steps_left(position)
     lm_left = sum(s.kind == "lm" for s in schedule.stages()[position.stage :])
     estimate = "; a time estimate follows the first step" if left else ""
+    converging = schedule.until_converged and position.stage == 0
+    steps = f"up to {left} Adam step(s) (until converged)" if converging else f"{left} Adam step(s)"
     print(
-        f"plan: {left} Adam step(s) and {lm_left} Levenberg–Marquardt round(s){estimate}. "
+        f"plan: {steps} and {lm_left} Levenberg–Marquardt round(s){estimate}. "
         f"Checkpoints into {out / 'checkpoints'}: {_interval(every)}, at the end of each phase "
         "and on Ctrl-C",
         flush=True,
@@ -68,13 +72,16 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     with DeferredInterrupt() as interrupt:
         outcome = run_schedule(
             refinement, schedule, checkpointer, position, progress=not args.quiet,
-            stop=lambda: interrupt.requested, on_step=StepTimeEstimate(refinement, _say),
+            stop=lambda: interrupt.requested,
+            on_step=StepTimeEstimate(refinement, _say, at_most=converging),
         )  # fmt: skip
     if outcome.stopped:
         raise _Stopped(refinement.step_count, outcome.checkpoint, out)
     refinement.write_cif(out / "refined.cif")
     report = refinement.report()
     report["seconds"] = round(prior + time.perf_counter() - started, 1)
+    # How each stage ended (converged, step limit, least squares' shift/s.u.), in words.
+    report["stages"] = [m for m in refinement.messages if "converge" in m or "Levenberg" in m]
     report["structure"] = run.get("structure")
     report["data"] = run.get("data")
     if args.resume is not None:
@@ -127,7 +134,11 @@ def _start(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
         "every": args.every,
         "checkpoint_every": args.checkpoint_every,
     }
-    schedule = Schedule(args.steps, args.lm_rounds, args.lm_iterations, args.polish_steps)
+    until_converged = args.steps is None
+    schedule = Schedule(
+        args.max_steps if until_converged else args.steps, args.lm_rounds, args.lm_iterations,
+        args.polish_steps, until_converged,
+    )  # fmt: skip
     return refinement, run, schedule, Position(), out
 
 
@@ -202,6 +213,8 @@ def _print_report(report: dict, out: Path) -> None:
         print(f"  {key:18s} {'undefined' if value is None or value != value else f'{value:.4f}'}")
     print(f"  {'n_obs / n_all':18s} {report['n_obs']} / {report['n_all']}")
     print(f"  {'steps, seconds':18s} {report['steps']}, {report['seconds']}")
+    for line in report.get("stages", []):
+        print(f"  {line}")
     print(f"wrote {out / 'refined.cif'}, {out / 'report.json'}, {out / 'refinement.nc'}")
 
 
@@ -275,7 +288,16 @@ def _add_refine_options(parser: argparse.ArgumentParser) -> None:
         help=f"output folder, checkpoints in its checkpoints/ (default: {DEFAULT_OUT}; with "
         "--resume: the folder resumed from)",
     )  # fmt: skip
-    parser.add_argument("--steps", type=int, default=60, help="Adam steps (default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=_count, default=None,
+        help="exactly this many Adam steps (default: until converged, when the best loss falls "
+        f"by less than {100 * Convergence().tolerance:g} %% over {Convergence().window} steps, "
+        "at most --max-steps)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-steps", type=_count, default=MAX_STEPS,
+        help="the most Adam steps of a run without --steps (default: %(default)s)",
+    )  # fmt: skip
     _add_option_flags(parser)
     parser.add_argument(
         "--refine-absorption", action="store_true", help="with --absorption: refine κ too"
@@ -284,15 +306,17 @@ def _add_refine_options(parser: argparse.ArgumentParser) -> None:
         "--every", type=int, default=1, help="use every N-th frame only (default: %(default)s)"
     )
     parser.add_argument(
-        "--lm-rounds", type=int, default=2,
-        help="Levenberg–Marquardt rounds (default: %(default)s)",
+        "--lm-rounds", type=int, default=1,
+        help="Levenberg–Marquardt rounds on the structure after the Adam steps (default: "
+        "%(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--lm-iterations", type=int, default=4,
-        help="iterations per Levenberg–Marquardt round (default: %(default)s)",
+        "--lm-iterations", type=int, default=10,
+        help="the most iterations per Levenberg–Marquardt round; a round stops sooner once max "
+        f"shift/s.u. < {SHIFT_TOLERANCE:g} (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--polish-steps", type=int, default=10,
+        "--polish-steps", type=int, default=0,
         help="Adam steps after each Levenberg–Marquardt round (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -333,7 +357,7 @@ def _parser() -> argparse.ArgumentParser:
         help="refine the bundled real quartz data (every 3rd frame) from the kinematical start",
     )
     _add_refine_options(demo)
-    demo.set_defaults(every=3, steps=40, lm_rounds=1, lm_iterations=3, polish_steps=0)
+    demo.set_defaults(every=3)
     return parser
 
 

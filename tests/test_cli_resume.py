@@ -16,6 +16,7 @@ results). The stop and resume logic of every stage boundary is tested without JA
 refinement (``test_schedule_*``).
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -32,7 +33,7 @@ import xarray as xr
 
 from edkit.cli import main
 from edkit.refine import checkpoint
-from edkit.refine.schedule import Checkpointer, Position, Schedule, run_schedule
+from edkit.refine.schedule import Checkpointer, Position, Schedule, from_run, run_schedule
 
 WRAPPER = """
 import os, signal, sys
@@ -276,7 +277,7 @@ class FakeRefinement:
     def __init__(self, step_count: int = 0) -> None:
         self.step_count, self.log = step_count, []
 
-    def run(self, steps, callback, *, progress=True):
+    def run(self, steps, callback, *, progress=True, until_converged=False, since_step=None):
         for _ in range(steps):
             self.step_count += 1
             self.log.append(("step", self.step_count))
@@ -344,3 +345,20 @@ def test_checkpoints_by_time_without_every_steps() -> None:
     assert Checkpointer(Path("unused"), None, every_seconds=0.0).due(fake)
     assert not Checkpointer(Path("unused"), None).due(fake)  # 5 minutes have not passed
     assert not Checkpointer(Path("unused"), 0).due(fake)  # only at stage ends
+
+
+def test_a_converged_stage_ends_early_and_the_schedule_goes_on() -> None:
+    """A stage that converges before its limit is complete, not stopped: LM follows."""
+
+    class Converging(FakeRefinement):
+        def run(self, steps, callback, *, progress=True, until_converged=False, since_step=None):
+            super().run(min(steps, 2) if until_converged else steps, callback)
+            self.log.append(("since", since_step))
+
+    fake = Converging()
+    schedule = Schedule(steps=50, lm_rounds=1, lm_iterations=3, until_converged=True)
+    outcome = run_schedule(fake, schedule, Recorder(0))
+    assert not outcome.stopped and outcome.position == Position(2, 0)
+    assert fake.log == [("step", 1), ("step", 2), ("since", 0), ("best", 2), ("lm", 3)]
+    run = {"schedule": dataclasses.asdict(schedule), "position": {"stage": 0, "done": 1}}
+    assert from_run(json.loads(json.dumps(run)), Path("run.json")) == (schedule, Position(0, 1))

@@ -20,6 +20,7 @@ from edkit.metrics import (
     frame_wr2,
     intensity_wr2_loss,
     jana_figures,
+    jana_scale_per_frame,
     jana_wr_loss,
     mean_frame_r_obs,
     scale_per_frame,
@@ -359,6 +360,30 @@ def test_jana_wr_loss_matches_a_loop_and_jana_figures():
     np.testing.assert_allclose(
         float(loss), jana_figures(i_obs[mask], sigma[mask], scaled[mask])["wr_all"], rtol=1e-12
     )
+
+
+def test_jana_scale_per_frame_gives_the_wr_the_loss_minimises():
+    """The refinement's report (edkit.refine.results.figures) scales with this: its wR_all is
+    then the loss's wR exactly, and any other scale of a frame only raises it."""
+    i_obs, sigma, i_calc, mask, frame, n_frames = _loss_inputs(5)
+    scale = jana_scale_per_frame(i_obs[mask], sigma[mask], i_calc[mask], frame[mask], n_frames)
+    scored = np.bincount(frame[mask], minlength=n_frames) > 0
+    assert scale.shape == (n_frames,) and np.all(scale[scored] > 0)
+    np.testing.assert_array_equal(scale[~scored], 0.0)  # nothing to scale on: 0, finite
+    loss = float(jana_wr_loss(*map(jnp.asarray, (i_obs, sigma, i_calc, mask, frame)), n_frames))
+
+    def wr_all(scales):
+        scaled = (i_calc * scales[frame])[mask]
+        return jana_figures(i_obs[mask], sigma[mask], scaled)["wr_all"]
+
+    np.testing.assert_allclose(wr_all(scale), loss, rtol=1e-12)
+    for f in np.flatnonzero(scored):
+        for factor in (0.98, 1.02):
+            nudged = scale.copy()
+            nudged[f] *= factor
+            assert wr_all(nudged) > loss
+    with pytest.raises(EdkitError, match="jana_scale_per_frame"):
+        jana_scale_per_frame([1.0], [0.0], [1.0], [0], 1)
 
 
 @pytest.mark.parametrize("reduction", ["frame_mean", "global"])

@@ -15,6 +15,7 @@ conftest.py turns x64 on; pyproject turns warnings into errors.
 """
 
 import copy
+import dataclasses
 import gc
 import json
 import shutil
@@ -28,6 +29,7 @@ from conftest import inject_nan_loss, twenty_steps_trace_once
 from edkit import EdkitError, Refinement, read_cif, read_pets
 from edkit.io.pets import select_frames
 from edkit.refine import core
+from edkit.refine.convergence import Convergence
 from edkit.simulate.synthetic import make_dataset, rotation_series
 
 G_MAX = 1.2
@@ -78,9 +80,12 @@ def start(quartz):
 @pytest.fixture(scope="module")
 def template(start, dataset):
     """Never stepped itself; see the module docstring."""
+    # No warm-up ramp and no structure delay: these tests check Adam's own first steps (the
+    # warm-up has its own test, on a copy with the defaults switched back on).
     refinement = Refinement(
-        start, dataset, g_max=G_MAX, n_sub=N_SUB, thickness_grid=GRID, learning_rates=RATES
-    )
+        start, dataset, g_max=G_MAX, n_sub=N_SUB, thickness_grid=GRID, learning_rates=RATES,
+        warmup_steps=0, structure_delay=0,
+    )  # fmt: skip
     return refinement
 
 
@@ -95,6 +100,8 @@ def fresh(template: Refinement) -> Refinement:
     refinement.messages = []
     refinement._records = []
     refinement._least_squares = None
+    refinement._normal_equations = (None, None)
+    refinement.stop_reason = ""
     return refinement
 
 
@@ -454,6 +461,54 @@ def test_refine_structure_does_not_increase_wr(refined) -> None:
     assert "Levenberg–Marquardt" in refined.messages[-1]
     assert refined.history["step"].values[-1] == step
     assert refined.history["loss"].values[-1] == wr[-1]
+
+
+def test_levenberg_marquardt_says_why_it_stopped_and_shares_its_normal_matrix(
+    refined, monkeypatch
+) -> None:
+    """A round stops on max shift/s.u. (a huge tolerance: after its first iteration) and says
+    so; s.u.'s at an unchanged state reuse the normal matrix instead of accumulating another."""
+    least_squares = refined._structure_least_squares()
+    calls = []
+    accumulate = least_squares.normal_equations
+    monkeypatch.setattr(
+        least_squares, "normal_equations", lambda p: calls.append(1) or accumulate(p)
+    )
+    wr = refined.refine_structure(5, shift_tolerance=1e9)
+    assert len(wr) == 1 and len(calls) == 1  # none after the last iteration
+    assert "max shift/s.u." in refined.stop_reason and "< 1e+09" in refined.stop_reason
+    assert "stopped: max shift/s.u." in refined.messages[-1]
+    first = refined.uncertainties()
+    second = refined.uncertainties()  # same state: the matrix is reused
+    assert len(calls) == 2
+    np.testing.assert_array_equal(first["fract"], second["fract"])
+
+
+def test_run_until_converged_stops_and_says_why(template) -> None:
+    r = fresh(template)
+    rule = Convergence(window=2, tolerance=0.5, min_steps=3)  # a 50 % fall per 2 steps: soon
+    r.run(30, progress=False, until_converged=rule)
+    assert 3 <= r.step_count < 30
+    assert "converged: the best loss fell" in r.stop_reason and r.stop_reason in r.messages
+    limited = fresh(template)
+    limited.run(2, progress=False, until_converged=True)
+    assert limited.step_count == 2 and "step limit" in limited.stop_reason
+
+
+def test_warm_up_holds_the_structure_then_ramps_it(template) -> None:
+    """structure_delay = 2: the positions stay put for two steps while the thickness moves;
+    warmup_steps = 4: the positions' first step is a quarter of the rate (Adam's normalised
+    update is at most about 1 per coefficient)."""
+    r = fresh(template)
+    r.options = dataclasses.replace(r.options, warmup_steps=4, structure_delay=2)
+    rate = r.base_learning_rates["positions"]
+    thickness_before = r.thickness.values
+    r.step(2)
+    np.testing.assert_array_equal(positions(r), 0.0)
+    assert np.any(r.thickness.values != thickness_before)
+    r.step(1)
+    moved = np.abs(positions(r)[r.mapping.position_mask])
+    assert np.all(moved > 0) and np.all(moved <= 0.25 * rate * 1.05)
 
 
 def test_rejected_levenberg_marquardt_trials_leave_the_state_alone(refined, monkeypatch) -> None:

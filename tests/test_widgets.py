@@ -10,6 +10,7 @@ reports those as warnings).
 """
 
 import copy
+import dataclasses
 import json
 import re
 import subprocess
@@ -63,6 +64,7 @@ def template(quartz, data_dir) -> Refinement:
         thickness="map-net",
         thickness_grid=(200.0, 1000.0, 200.0),
         learning_rates={"thickness": 3e-4},
+        structure_delay=0,  # the table's shifts move from the first Step
     )
     refinement.predict()  # compiles the shared prediction
     return refinement
@@ -79,6 +81,7 @@ def fresh(template: Refinement) -> Refinement:
     refinement.messages = []
     refinement._records = []
     refinement._least_squares = None
+    refinement._normal_equations = (None, None)
     refinement.last_uncertainties = None
     return refinement
 
@@ -493,3 +496,11 @@ def test_bloch_explorer_sliders_change_the_data() -> None:
     assert f"<b>{h} {k} {l}</b>" in explorer.readout.value
     with pytest.raises(EdkitError, match="not among the beams"):
         BlochExplorer(reflection=(9, 9, 9))
+
+
+def test_status_says_when_the_structure_is_held_for_warm_up(template) -> None:
+    r = fresh(template)
+    r.options = dataclasses.replace(r.options, structure_delay=5)
+    assert "warm-up: the structure is held until step 5" in RefinementPanel(r).status.value
+    r.options = dataclasses.replace(r.options, structure_delay=0)
+    assert "warm-up" not in RefinementPanel(r).status.value

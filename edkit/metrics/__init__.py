@@ -38,6 +38,7 @@ from edkit.metrics._report import (
     frame_scale,
     frame_wr2,
     jana_figures,
+    jana_scale_per_frame,
     mean_frame_r_obs,
     scale_per_frame,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "intensity_wr2_loss",
     "jana_figures",
     "jana_residuals",
+    "jana_scale_per_frame",
     "jana_wr_loss",
     "mean_frame_r_obs",
     "scale_per_frame",

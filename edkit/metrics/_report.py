@@ -160,6 +160,38 @@ def scale_per_frame(
     return np.nan_to_num(_ratio(num, den), nan=0.0)
 
 
+def jana_scale_per_frame(
+    i_obs: ArrayLike,
+    sigma: ArrayLike,
+    i_calc: ArrayLike,
+    frame_index: ArrayLike,
+    n_frames: int,
+) -> np.ndarray:
+    """Each frame's intensity scale k_f² from Jana's amplitude scale k_f = Σ w F_o F_c / Σ w F_c²
+    (Jana weights w, F = sqrt(max(I, 0))): the exact minimiser of Σ w (F_o − k_f F_c)², so that
+    wR from :func:`jana_figures` on ``k_f² I_c`` is the wR the refinement minimises (the numpy
+    twin of the scale inside :func:`jana_wr_loss`).
+
+    Args:
+      i_obs, sigma, i_calc: shape (n_refl,); σ > 0.
+      frame_index: frame of each reflection, integers in [0, n_frames), shape (n_refl,).
+      n_frames: number of frames.
+
+    Returns:
+      k_f², float64, shape (n_frames,); 0.0 where undefined (no reflection, or every F_c 0).
+    """
+    where = "jana_scale_per_frame"
+    i_o = _vector("i_obs", i_obs, None, where)
+    n = i_o.shape[0]
+    s = _positive_sigma(sigma, n, where)
+    f_c = _amplitudes(_vector("i_calc", i_calc, n, where))
+    idx = _frames(frame_index, n_frames, n, where)
+    w = _jana_weights_np(i_o, s)
+    num = np.bincount(idx, weights=w * _amplitudes(i_o) * f_c, minlength=n_frames)
+    den = np.bincount(idx, weights=w * f_c * f_c, minlength=n_frames)
+    return np.nan_to_num(_ratio(num, den), nan=0.0) ** 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Jana2020 figures
 # ---------------------------------------------------------------------------------------------

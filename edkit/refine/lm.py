@@ -9,6 +9,7 @@ its J_cᵀJ_c (n_par × n_par), J_cᵀr_c and r_cᵀr_c, with J_c from one linea
 and n_par tangent passes. Levenberg–Marquardt and the standard uncertainties use these sums.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,6 +30,10 @@ from edkit.refine.core import (
 )
 from edkit.refine.problem import Chunk, Problem
 from edkit.simulate.stack import Potentials, StackConfig
+
+#: Least squares have converged when no shift exceeds this fraction of its s.u. (Jana's and
+#: SHELX's measure; both default to 0.01 or less).
+SHIFT_TOLERANCE = 0.01
 
 
 class NormalEquations(NamedTuple):
@@ -174,6 +179,30 @@ class StructureLeastSquares:
         return float(sum_over_chunks(chunk_cost_terms, chunk_cost, (z,), problem))
 
 
+class LeastSquaresResult(NamedTuple):
+    """What :func:`levenberg_marquardt` ends with.
+
+    ``costs``: Σr² after each iteration; ``max_shift_su``: the largest |shift|/s.u. of the last
+    accepted iteration (inf before any); ``equations``: the normal equations at ``params`` when
+    computed on the way (for the s.u.'s, else None); ``reason``: why it stopped, in words."""
+
+    params: Any
+    costs: list[float]
+    cost: float
+    max_shift_su: float
+    equations: NormalEquations | None
+    reason: str
+
+
+def max_shift_over_su(equations: NormalEquations, n_free: int, shift: np.ndarray) -> float:
+    """max_i |shift_i| / s.u._i with the s.u.'s of :func:`covariance` (Jana's and SHELX's
+    convergence measure; they stop below 0.01–0.001)."""
+    cov, _ = covariance(equations, n_free)
+    su = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    ratio = np.abs(shift) / np.where(su > 0, su, np.inf)
+    return float(np.max(ratio)) if ratio.size else 0.0
+
+
 def levenberg_marquardt(
     least_squares: StructureLeastSquares,
     params: Any,
@@ -181,20 +210,25 @@ def levenberg_marquardt(
     *,
     damping: float = 1e-3,
     tolerance: float = 1e-6,
+    shift_tolerance: float = 0.0,
     progress: bool | None = None,
-) -> tuple[Any, list[float], float]:
+) -> LeastSquaresResult:
     """Levenberg–Marquardt: (JᵀJ + λ diag JᵀJ) δ = −Jᵀr, a shift accepted if Σr² drops, λ
-    adapted. Returns (params, Σr² after each iteration, the final Σr²).
+    adapted. Stops after ``iterations``, when no shift lowers Σr², when Σr² falls by less than
+    the fraction ``tolerance``, or when max |δ|/s.u. < ``shift_tolerance`` (0: not used).
 
     ``progress``: a progress bar over the iterations with the cost (None: that of
     ``least_squares``); each normal matrix has its own bar over the chunks."""
     show = least_squares.progress if progress is None else progress
+    n_free = least_squares.n_free
     with progress_bar(iterations, "least squares", "iteration", show, leave=True) as bar:
-        equations = least_squares.normal_equations(params)
-        cost = equations.cost
+        current = least_squares.normal_equations(params)
+        equations: NormalEquations | None = current  # at ``params``, while they hold there
+        cost = current.cost
         costs: list[float] = []
-        for _ in range(iterations):
-            normal, gradient = equations.normal, equations.gradient
+        max_ratio, reason = math.inf, f"{iterations} iteration(s) done"
+        for iteration in range(iterations):
+            normal, gradient = current.normal, current.gradient
             accepted, improvement = False, 0.0
             for _attempt in range(8):
                 lhs = normal + damping * np.diag(np.maximum(np.diag(normal), 1e-12))
@@ -203,6 +237,7 @@ def levenberg_marquardt(
                 trial_cost = least_squares.cost(trial)
                 if np.isfinite(trial_cost) and trial_cost < cost:
                     accepted, improvement = True, (cost - trial_cost) / cost
+                    max_ratio = max_shift_over_su(current, n_free, shift)
                     params, cost = trial, trial_cost
                     damping = max(damping / 10.0, 1e-9)
                     break
@@ -210,10 +245,19 @@ def levenberg_marquardt(
             costs.append(cost)
             bar.update()
             bar.set_postfix(cost=f"{cost:.5g}", damping=f"{damping:.1e}")
-            if not accepted or improvement < tolerance:
+            if not accepted:
+                reason = "no shift lowers the cost (converged at this damping)"
+                break  # params unchanged: ``equations`` still hold at them
+            equations = None
+            if improvement < tolerance:
+                reason = f"the cost fell by {improvement:.1e} (< {tolerance:.0e})"
                 break
-            equations = least_squares.normal_equations(params)
-    return params, costs, cost
+            if max_ratio < shift_tolerance:
+                reason = f"max shift/s.u. {max_ratio:.4f} (< {shift_tolerance:g})"
+                break
+            if iteration + 1 < iterations:
+                current = equations = least_squares.normal_equations(params)
+    return LeastSquaresResult(params, costs, cost, max_ratio, equations, reason)
 
 
 def covariance(equations: NormalEquations, n_free: int) -> tuple[np.ndarray, float]:

@@ -47,6 +47,8 @@ REFINE_SG_WEAK = 0.03  # Å⁻¹
 #: Chebyshev terms of the Bethe correction shared by a frame's sub-orientations: 12 keep the
 #: quartz intensities to 4e-7 of the per-orientation correction (tests/test_bethe.py).
 REFINE_BETHE_TERMS = 12
+#: The groups ``structure_delay`` holds: the structure itself.
+STRUCTURE_GROUPS: tuple[str, ...] = ("positions", "adp", "occupancy")
 #: The bare ``--absorption`` flag's κ.
 DEFAULT_ABSORPTION_FLAG = 0.05
 
@@ -97,6 +99,14 @@ class RefinementOptions:
         help="per-group Adam step sizes overriding DEFAULT_LEARNING_RATES"))
     decay_steps: int = field(default=200, metadata=_meta(
         cli=None, units="steps", help="learning rates decay as 1/(1 + step/decay_steps)"))
+    warmup_steps: int = field(default=10, metadata=_meta(
+        cli="--warmup-steps", units="steps",
+        help="each group's learning rate ramps linearly from 1/N to full over its first N "
+        "steps, so that Adam's first, sign-sized steps do not throw the fit off (0: no ramp)"))
+    structure_delay: int = field(default=5, metadata=_meta(
+        cli="--structure-delay", units="steps",
+        help="positions, ADPs and occupancies are held for the first N steps while thickness, "
+        "orientations and scales settle (0: all groups from the first step)"))
     validation_fraction: float = field(default=0.0, metadata=_meta(
         cli=None, units="1",
         help="fraction of frames held out (every k-th); the best state is chosen on their loss"))
@@ -227,6 +237,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "bethe_terms": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer ≥ 1 or None"),
     "n_sub": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer ≥ 1 or None"),
     "decay_steps": (lambda v: _is_int(v) and v >= 1, "an integer ≥ 1 (steps)"),
+    "warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer ≥ 0 (steps)"),
+    "structure_delay": (lambda v: _is_int(v) and v >= 0, "an integer ≥ 0 (steps)"),
     "validation_fraction": (lambda v: _is_real(v) and 0 <= v < 1, "a fraction 0 ≤ f < 1"),
     "seed": (_is_int, "an integer"),
     "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer ≥ 1 (frames)"),

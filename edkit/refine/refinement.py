@@ -22,14 +22,16 @@ from tqdm.auto import tqdm
 
 from edkit.crystal import Crystal, adp_matrix, ueq
 from edkit.errors import EdkitError
-from edkit.io.cif import write_cif
 from edkit.models.hybrid import HybridModel
 from edkit.models.parameters import StructureMapping
 from edkit.models.thickness import FrameFeatures
 from edkit.precision import x64
 from edkit.refine import checkpoint, core, lm, results
+from edkit.refine.convergence import Convergence
+from edkit.refine.least_squares import StructureLeastSquaresMixin
 from edkit.refine.options import (
     GROUPS,
+    STRUCTURE_GROUPS,
     RefinementOptions,
     options_from,
     parse_memory,
@@ -41,7 +43,7 @@ from edkit.refine.results import figures, history_dataset
 from edkit.simulate.frames import FrameSetup, frame_comparison
 
 
-class Refinement:
+class Refinement(StructureLeastSquaresMixin):
     """A 3D-ED dynamical refinement with a hybrid physics + network model.
 
     Example::
@@ -122,6 +124,10 @@ class Refinement:
         self.last_uncertainties: dict[str, np.ndarray] | None = None
         self._records: list[dict[str, Any]] = []
         self._least_squares: lm.StructureLeastSquares | None = None
+        #: The normal equations last computed, with the state they hold at.
+        self._normal_equations: tuple[Any, lm.NormalEquations | None] = (None, None)
+        #: Why the last :meth:`run` or :meth:`refine_structure` stopped, in words.
+        self.stop_reason = ""
 
     # ------------------------------------------------------------------------------ state
     @property
@@ -154,9 +160,22 @@ class Refinement:
             raise EdkitError(f"unknown parameter group {group!r}; expected one of {GROUPS}")
         self.enabled[group] = bool(enabled)
         self._least_squares = None  # its columns are the enabled groups' coefficients
+        self._normal_equations = (None, None)
 
     def _rates(self) -> dict[str, float]:
-        return {g: self.base_learning_rates[g] if self.enabled[g] else 0.0 for g in GROUPS}
+        """This step's learning rates: enabled groups only, the structure held for the first
+        ``structure_delay`` steps, each group ramped over its first ``warmup_steps`` steps."""
+        delay, warmup = self.options.structure_delay, self.options.warmup_steps
+        rates = {}
+        for group in GROUPS:
+            begins = delay if group in STRUCTURE_GROUPS else 0
+            taken = self.step_count - begins  # this group's steps before the one now taken
+            if not self.enabled[group] or taken < 0:
+                rates[group] = 0.0
+            else:
+                ramp = min(1.0, (taken + 1) / warmup) if warmup > 0 else 1.0
+                rates[group] = self.base_learning_rates[group] * ramp
+        return rates
 
     # ------------------------------------------------------------------------------ the step
     @x64
@@ -240,9 +259,20 @@ class Refinement:
         callback: Callable[["Refinement", dict[str, float]], Any] | None = None,
         *,
         progress: bool = True,
+        until_converged: Convergence | bool = False,
+        since_step: int | None = None,
     ) -> "Refinement":
-        """Run ``steps`` steps with a progress bar (steps, time left, last loss and Jana R_obs);
-        ``callback(self, record)`` after each, returning ``False`` to stop. Returns ``self``."""
+        """Run up to ``steps`` steps with a progress bar (steps, time left, last loss and Jana
+        R_obs); ``callback(self, record)`` after each, returning ``False`` to stop.
+
+        ``until_converged``: stop early once the best loss has stopped falling (True: the
+        default :class:`~edkit.refine.convergence.Convergence`), judged on the steps since
+        ``since_step`` (default: this call's first step). Why it stopped is in
+        :attr:`stop_reason` and :attr:`messages`. Returns ``self``.
+        """
+        rule = Convergence() if until_converged is True else until_converged or None
+        since = self.step_count if since_step is None else since_step
+        self.stop_reason = f"{steps} step(s) done"
         bar = tqdm(range(steps), desc="refining", unit="step", disable=not progress, leave=True)
         for _ in bar:
             record = self._one_step()
@@ -250,8 +280,27 @@ class Refinement:
             # Drawn by the bar's next refresh: one line per step, not two.
             bar.set_postfix(loss=f"{record['loss']:.4g}", **shown, refresh=False)
             if callback is not None and callback(self, record) is False:
+                self.stop_reason = f"stopped from outside at step {self.step_count}"
                 break
+            reason = rule.reason(self._selection_losses(since)) if rule else None
+            if reason is not None:
+                self.stop_reason = f"step {self.step_count}: {reason}"
+                self.messages.append(self.stop_reason)
+                break
+        else:
+            if rule is not None and steps > 0:
+                self.stop_reason = (
+                    f"step {self.step_count}: the step limit was reached before the loss "
+                    f"converged ({steps} step(s) in this call)"
+                )
+                self.messages.append(self.stop_reason)
         return self
+
+    def _selection_losses(self, since_step: int) -> list[float]:
+        """The recorded losses the best state is chosen on (validation or training) of the
+        steps from ``since_step`` on."""
+        key = "validation_loss" if self.validation_mask.any() else "loss"
+        return [float(r[key]) for r in self._records if r["step"] >= since_step]
 
     def panel(self, **options: Any) -> Any:
         """Deprecated: use ``edkit.widgets.RefinementPanel(refinement, **options)`` (this layer
@@ -355,79 +404,6 @@ class Refinement:
             "conventions": "r_obs, r_all, wr_obs, wr_all, gof: Jana2020 on |F| (I > 3σ for obs) "
             "over Klar-scored reflections; r_obs_mean_frame: diffBloch mean per-frame R_obs",
         }
-
-    @property
-    def n_parameters(self) -> int:
-        """Number of refined structural parameters (free position and ADP coefficients)."""
-        pos_mask, adp_mask = lm.free_masks(self.mapping, self.enabled)
-        return int(pos_mask.sum() + adp_mask.sum())
-
-    # ------------------------------------------------------------------------------ s.u.'s
-    def _structure_least_squares(self) -> lm.StructureLeastSquares:
-        if self._least_squares is None:
-            pos_mask, adp_mask = lm.free_masks(self.mapping, self.enabled)
-            self._least_squares = lm.StructureLeastSquares(
-                self.problem, pos_mask, adp_mask, progress=self.progress
-            )
-        return self._least_squares
-
-    @x64
-    def refine_structure(
-        self, iterations: int = 5, *, damping: float = 1e-3, tolerance: float = 1e-6
-    ) -> list[float]:
-        """Levenberg–Marquardt on the structural parameters (positions, ADPs), thickness held.
-
-        The crystallographer's least squares on Jana's weighted |F| residuals: each iteration
-        solves (JᵀJ + λ diag JᵀJ) δ = −Jᵀr with JᵀJ accumulated chunk by chunk of frames from
-        JAX derivatives (no finite differences, never the full Jacobian), accepts the shift if
-        wR drops and adapts λ. Returns the wR after each iteration.
-        """
-        least_squares = self._structure_least_squares()
-        start = time.perf_counter()
-        denominator = self.problem.train_denominator
-        params, costs, cost = lm.levenberg_marquardt(
-            least_squares, self.state, iterations, damping=damping, tolerance=tolerance
-        )
-        self.state = params
-        self.seconds += time.perf_counter() - start
-        wr_history = [float(np.sqrt(c / denominator)) for c in costs]
-        record = self._record(float(np.sqrt(cost / denominator)), float("nan"), self.predict())
-        self.best_loss, self.best_state, self.best_step = record["loss"], params, self.step_count
-        self.step_count += 1
-        self.messages.append(
-            f"step {record['step']}: Levenberg–Marquardt, {len(wr_history)} iteration(s), "
-            f"wR {wr_history[-1] if wr_history else float('nan'):.5f}"
-        )
-        return wr_history
-
-    @x64
-    def uncertainties(self) -> dict[str, np.ndarray]:
-        """Standard uncertainties of fractional coordinates and U^cif from the Gauss–Newton
-        matrix JᵀWJ at the current state (Jana convention: scaled by the GoF), accumulated
-        chunk by chunk of frames.
-
-        Returns:
-          {"fract": (n, 3), "u_cif": (n, 3, 3), "gof": ()}; zero where a parameter is fixed.
-          Also kept as ``last_uncertainties`` with "steps" (``step_count`` when computed).
-        """
-        least_squares = self._structure_least_squares()
-        cov, gof = lm.covariance(least_squares.normal_equations(self.state), least_squares.n_free)
-        fract_su, u_su = lm.standard_uncertainties(
-            self.mapping, least_squares.pos_mask, least_squares.adp_mask, cov
-        )
-        result = {"fract": fract_su, "u_cif": adp_matrix(u_su), "gof": np.asarray(gof)}
-        self.last_uncertainties = {**result, "steps": np.asarray(self.step_count)}
-        return result
-
-    @x64
-    def write_cif(self, path: str | Path, *, with_uncertainties: bool = True) -> None:
-        """Write the refined structure with s.u.'s and the figures of merit."""
-        sigmas = None
-        if with_uncertainties and self.n_parameters > 0:
-            su = self.uncertainties()
-            sigmas = {"fract": su["fract"], "u_cif": su["u_cif"]}
-        extra = results.cif_figures(self.report())
-        write_cif(self.crystal, path, sigmas=sigmas, extra=extra)
 
     # ------------------------------------------------------------------------------ checkpoints
     @x64

@@ -25,9 +25,15 @@ def figures(
     n_params: int = 0,
 ) -> dict[str, float]:
     """Jana2020 R_obs, R_all, wR_obs, wR_all, GoF and diffBloch's mean per-frame R_obs over
-    ``mask``, each frame scaled in closed form (fractions; counts as ``n_obs``, ``n_all``)."""
-    weights = np.where(mask, 1.0 / np.maximum(sigma, 1e-12), 0.0)
-    scale = metrics.scale_per_frame(i_obs, i_calc, refl_frame, n_frames, weights)
+    ``mask``, each frame scaled in closed form (fractions; counts as ``n_obs``, ``n_all``).
+
+    The Jana figures take Jana's amplitude scale per frame (:func:`edkit.metrics.
+    jana_scale_per_frame`), the one the refinement's objective and least squares use, so wR_all
+    is the wR they minimise; the mean per-frame R_obs keeps diffBloch's inverse-variance scale.
+    """
+    scale = metrics.jana_scale_per_frame(
+        i_obs[mask], np.maximum(sigma[mask], 1e-12), i_calc[mask], refl_frame[mask], n_frames
+    )
     jana = metrics.jana_figures(
         i_obs[mask], sigma[mask], (i_calc * scale[refl_frame])[mask], n_params=n_params
     )

@@ -36,20 +36,26 @@ class Stage:
 
     kind: Literal["steps", "lm"]
     size: int
+    #: A steps stage that ends early once converged (``size`` is then its limit).
+    until_converged: bool = False
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Adam ``steps``, then ``lm_rounds`` × (LM of ``lm_iterations``, ``polish_steps`` steps)."""
+    """Adam ``steps``, then ``lm_rounds`` × (LM of ``lm_iterations``, ``polish_steps`` steps).
+
+    With ``until_converged`` the first Adam stage stops once converged
+    (:class:`~edkit.refine.convergence.Convergence`), ``steps`` being its limit."""
 
     steps: int
     lm_rounds: int = 0
     lm_iterations: int = 4
     polish_steps: int = 0
+    until_converged: bool = False
 
     def stages(self) -> tuple[Stage, ...]:
         """The stages in order (as ``edkit refine`` has always run them)."""
-        stages = [Stage("steps", self.steps)]
+        stages = [Stage("steps", self.steps, self.until_converged)]
         for _ in range(self.lm_rounds):
             stages.append(Stage("lm", self.lm_iterations))
             if self.polish_steps:
@@ -76,7 +82,10 @@ class Position:
 def from_run(run: dict[str, Any], path: Path) -> tuple[Schedule, Position]:
     """The schedule and position of a checkpoint's ``run.json`` (EdkitError naming ``path``)."""
     try:
-        schedule = Schedule(**{k: int(v) for k, v in run["schedule"].items()})
+        fields: dict[str, Any] = {
+            k: bool(v) if k == "until_converged" else int(v) for k, v in run["schedule"].items()
+        }
+        schedule = Schedule(**fields)
         position = Position(**{k: int(v) for k, v in run["position"].items()})
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise EdkitError(f"{path}: corrupted checkpoint (schedule or position: {error})") from None
@@ -165,9 +174,9 @@ def run_schedule(
         if stage.kind == "lm":
             refinement.refine_structure(stage.size)
         else:
-            done = _steps(refinement, schedule, checkpointer, position, stage.size, progress,
-                          stop, on_step)  # fmt: skip
-            if done < stage.size:
+            done, stopped = _steps(refinement, schedule, checkpointer, position, stage,
+                                   progress, stop, on_step)  # fmt: skip
+            if stopped:
                 return _stopped(refinement, schedule, checkpointer, Position(index, done))
             refinement.use_best()
         position = Position(index + 1, 0)
@@ -182,26 +191,33 @@ def _steps(
     schedule: Schedule,
     checkpointer: Checkpointer,
     position: Position,
-    size: int,
+    stage: Stage,
     progress: bool,
     stop: Callable[[], bool],
     on_step: Callable[["Refinement", dict[str, float], int], Any] | None,
-) -> int:
-    """The rest of a steps stage of ``size`` steps; returns the steps done in it."""
+) -> tuple[int, bool]:
+    """The rest of a steps stage; returns the steps done in it and whether ``stop()`` ended
+    it early (convergence ends it early too, but complete)."""
     # Steps of this stage = the step count since it began, also across a resume.
     began = refinement.step_count - position.done
+    stopped = False
 
     def after_step(r: "Refinement", record: dict[str, float]) -> bool:
+        nonlocal stopped
         at = Position(position.stage, r.step_count - began)
         if on_step is not None:
             on_step(r, record, schedule.steps_left(at))
         # The stage's last step is followed by the stage's own checkpoint.
-        if at.done < size and checkpointer.due(r):
+        if at.done < stage.size and checkpointer.due(r):
             checkpointer.write(r, schedule, at)
-        return not stop()
+        stopped = stop() and at.done < stage.size
+        return not stopped
 
-    refinement.run(size - position.done, after_step, progress=progress)
-    return refinement.step_count - began
+    refinement.run(
+        stage.size - position.done, after_step, progress=progress,
+        until_converged=stage.until_converged, since_step=began,
+    )  # fmt: skip
+    return refinement.step_count - began, stopped
 
 
 def _stopped(
@@ -215,8 +231,12 @@ class StepTimeEstimate:
     this process's first step (which includes compiling the step, so an upper bound) and again
     after its second (compiled: the rate to expect)."""
 
-    def __init__(self, refinement: Any, say: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, refinement: Any, say: Callable[[str], None] = print, *, at_most: bool = False
+    ) -> None:
         self.seconds, self.steps, self.say = refinement.seconds, 0, say
+        #: The steps left are a limit (a run until converged), not a count.
+        self.at_most = at_most
 
     def __call__(self, refinement: Any, record: dict[str, float], left: int) -> None:
         self.steps += 1
@@ -228,9 +248,10 @@ class StepTimeEstimate:
             if self.steps == 1
             else "a compiled step's time"
         )
+        limit = "at most " if self.at_most else ""
         self.say(
-            f"step {refinement.step_count} took {_duration(took)}; at that rate the {left} "
-            f"Adam step(s) left take about {_duration(left * took)} ({basis}; "
+            f"step {refinement.step_count} took {_duration(took)}; at that rate the {limit}"
+            f"{left} Adam step(s) left take about {limit}{_duration(left * took)} ({basis}; "
             "Levenberg–Marquardt rounds and checkpoints not included)"
         )
 

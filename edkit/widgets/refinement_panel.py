@@ -360,6 +360,9 @@ class RefinementPanel:
             )
         if np.isfinite(r.best_loss):
             parts.append(f"best loss {r.best_loss:.5f} at step {r.best_step}")
+        delay = r.options.structure_delay
+        if r.step_count < delay and any(r.enabled[g] for g in ("positions", "adp")):
+            parts.append(f"warm-up: the structure is held until step {delay}")
         text = " · ".join(parts) + f" — {html.escape(self._activity)}"
         if self._problem:
             text += f"<br><span class='edkit-error' style='{_ERROR_STYLE}'>"

@@ -1,0 +1,59 @@
+"""When to stop the Adam steps: the best loss has stopped falling.
+
+Adam's loss is noisy from step to step, so the test looks at the *best* loss: the run has
+converged when the best loss of the last ``window`` steps is less than a fraction ``tolerance``
+below the best loss before them. The structure's own convergence (max shift/s.u., as Jana and
+SHELX judge it) belongs to the least squares that follows (:func:`edkit.refine.lm.
+levenberg_marquardt`). The test reads only the refinement's recorded losses, so a run resumed
+from a checkpoint stops at the same step as an uninterrupted one.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from edkit.errors import EdkitError
+
+#: The step limit of a run that stops on convergence (``edkit refine`` without ``--steps``).
+MAX_STEPS = 300
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """The Adam stage's stopping rule.
+
+    Args:
+      window: steps over which the best loss must keep falling.
+      tolerance: the relative fall of the best loss over ``window`` steps below which the run
+        has converged (1e-3: 0.1 %).
+      min_steps: never stop before this many steps of the stage.
+    """
+
+    window: int = 10
+    tolerance: float = 1e-3
+    min_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.window, int) and self.window >= 1):
+            raise EdkitError(f"Convergence window = {self.window!r}: expected an integer ≥ 1")
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise EdkitError(f"Convergence tolerance = {self.tolerance!r}: expected ≥ 0")
+        if not (isinstance(self.min_steps, int) and self.min_steps >= 0):
+            raise EdkitError(f"Convergence min_steps = {self.min_steps!r}: expected ≥ 0")
+
+    def reason(self, losses: Sequence[float]) -> str | None:
+        """Why the stage whose recorded losses (oldest first) are ``losses`` has converged, or
+        None while it has not."""
+        if len(losses) < max(self.min_steps, self.window + 1):
+            return None
+        before = min((v for v in losses[: -self.window] if math.isfinite(v)), default=math.inf)
+        recent = min((v for v in losses[-self.window :] if math.isfinite(v)), default=math.inf)
+        if not math.isfinite(before):
+            return None
+        fall = (before - recent) / before if before > 0 else 0.0
+        if fall < self.tolerance:
+            return (
+                f"converged: the best loss fell {100 * max(fall, 0.0):.3g} % over the last "
+                f"{self.window} steps (< {100 * self.tolerance:g} %)"
+            )
+        return None
