@@ -495,6 +495,16 @@ def test_run_until_converged_stops_and_says_why(template) -> None:
     assert limited.step_count == 2 and "step limit" in limited.stop_reason
 
 
+def test_fit_runs_the_default_recipe(template) -> None:
+    """Adam (here cut at 3 steps), the best state, one least-squares round; each stage says
+    how it ended."""
+    r = fresh(template)
+    r.fit(max_steps=3, lm_iterations=1, progress=False)
+    assert r.step_count == 4  # 3 Adam steps + 1 LM record
+    assert "step limit" in r.messages[-2] and "Levenberg–Marquardt" in r.messages[-1]
+    assert r.history["loss"].values[-1] <= r.history["loss"].values[:3].min()
+
+
 def test_warm_up_holds_the_structure_then_ramps_it(template) -> None:
     """structure_delay = 2: the positions stay put for two steps while the thickness moves;
     warmup_steps = 4: the positions' first step is a quarter of the rate (Adam's normalised

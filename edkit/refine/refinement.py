@@ -27,7 +27,7 @@ from edkit.models.parameters import StructureMapping
 from edkit.models.thickness import FrameFeatures
 from edkit.precision import x64
 from edkit.refine import checkpoint, core, lm, results
-from edkit.refine.convergence import Convergence
+from edkit.refine.convergence import MAX_STEPS, Convergence
 from edkit.refine.least_squares import StructureLeastSquaresMixin
 from edkit.refine.options import (
     GROUPS,
@@ -301,6 +301,25 @@ class Refinement(StructureLeastSquaresMixin):
         steps from ``since_step`` on."""
         key = "validation_loss" if self.validation_mask.any() else "loss"
         return [float(r[key]) for r in self._records if r["step"] >= since_step]
+
+    def fit(
+        self,
+        max_steps: int = MAX_STEPS,
+        lm_iterations: int = 10,
+        *,
+        progress: bool = True,
+        convergence: Convergence | None = None,
+    ) -> "Refinement":
+        """The default recipe (what ``edkit refine`` runs without flags): Adam steps until
+        converged (at most ``max_steps``; the warm-up options apply), the best state, then one
+        Levenberg–Marquardt round of at most ``lm_iterations`` on the structure (none if no
+        position or ADP is refined). Why each stage stopped is in :attr:`messages`. Returns
+        ``self``."""
+        self.run(max_steps, progress=progress, until_converged=convergence or True)
+        self.use_best()
+        if lm_iterations > 0 and self.n_parameters > 0:
+            self.refine_structure(lm_iterations)
+        return self
 
     def panel(self, **options: Any) -> Any:
         """Deprecated: use ``edkit.widgets.RefinementPanel(refinement, **options)`` (this layer
