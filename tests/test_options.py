@@ -177,11 +177,13 @@ def test_every_flag_kept(capsys, monkeypatch) -> None:
         "--structure --data --out --steps --thickness --absorption --refine-absorption --g-max "
         "--sg-max --sg-weak --bethe-terms --low-memory --refine --n-sub --seed --every --devices "
         "--precision --lm-rounds --lm-iterations --polish-steps --quiet --memory-limit "
-        "--chunk-frames"
+        "--chunk-frames --max-steps --warmup-steps --structure-delay --checkpoint-every --resume"
     ).split()
     for flag in flags:
         assert f" {flag}" in text, flag
-    assert "(default: 40)" in _help("demo", capsys, monkeypatch)  # demo's own --steps
+    demo = _help("demo", capsys, monkeypatch)
+    assert "every N-th frame only (default: 3)" in demo  # demo's own --every
+    assert "default: until converged" in demo  # the demo runs the default recipe
 
 
 def _args(*flags: str):
