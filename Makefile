@@ -34,7 +34,8 @@ test-slow: $(STAMP)
 test-notebooks: $(STAMP)
 	$(PY) -m pytest -q --nbmake --nbmake-timeout=$(NB_CELL_TIMEOUT) notebooks
 
-# A fresh venv from binder/requirements.txt + binder/postBuild, then every notebook in it.
+# A fresh venv from binder/requirements.txt + binder/postBuild, then notebooks 01 and 02 in it
+# (BINDER_NOTEBOOKS=all: every one; test-notebooks runs them all in .venv).
 test-binder:
 	NB_CELL_TIMEOUT=$(NB_CELL_TIMEOUT) scripts/test-binder.sh
 

@@ -161,6 +161,7 @@ def resumed(data_dir, wrapper, env, tmp_path_factory, reference) -> dict:
     }  # fmt: skip
 
 
+@pytest.mark.slow  # compile-heavy; runs in CI's test-slow
 def test_reference_run_reports_plan_estimate_and_progress(reference) -> None:
     stdout, stderr = reference.stdout, reference.stderr
     assert "memory plan: " in stdout
@@ -175,11 +176,13 @@ def test_reference_run_reports_plan_estimate_and_progress(reference) -> None:
     assert names == ["0002-step000010", "0003-step000011"]
 
 
+@pytest.mark.slow  # compile-heavy; runs in CI's test-slow
 def test_killed_run_left_its_step_5_checkpoint(resumed) -> None:
     assert resumed["killed_code"] == -signal.SIGKILL
     assert resumed["outputs_after_kill"] == ["checkpoints"]  # no report.json, refined.cif
 
 
+@pytest.mark.slow  # compile-heavy; runs in CI's test-slow
 def test_sigint_writes_a_checkpoint_and_says_how_to_resume(resumed) -> None:
     run = resumed["interrupted"]
     assert resumed["interrupted_code"] == 130, run.stderr
@@ -192,6 +195,7 @@ def test_sigint_writes_a_checkpoint_and_says_how_to_resume(resumed) -> None:
     assert not resumed["stale"].exists()
 
 
+@pytest.mark.slow  # compile-heavy; runs in CI's test-slow
 def test_resumed_run_is_bit_identical(reference, resumed) -> None:
     """Resumed after SIGKILL at step 5 and SIGINT after the Adam steps: the same final state
     (parameters: positions, ADPs, orientations, thickness network; Adam moments; best state),
@@ -233,6 +237,7 @@ def test_resume_of_a_folder_without_checkpoints(tmp_path, capsys) -> None:
     assert capsys.readouterr().err.startswith(f"edkit: error: {tmp_path}: no checkpoint in it")
 
 
+@pytest.mark.slow  # compile-heavy; runs in CI's test-slow
 def test_resume_with_a_fixed_flag(reference, capsys) -> None:
     assert main(["refine", "--resume", str(reference.out), "--steps", "3", "--g-max", "2"]) == 2
     err = capsys.readouterr().err
@@ -246,6 +251,7 @@ def _copy(out: Path, tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow  # compile-heavy; runs in CI's test-slow
 def test_resume_of_a_corrupt_checkpoint(reference, wrapper, env, tmp_path) -> None:
     """A truncated state.npz in the newest checkpoint: exit 2, one line naming the file and the
     previous checkpoint, no traceback (its own process: numpy leaks the file it fails to read)."""
@@ -260,6 +266,7 @@ def test_resume_of_a_corrupt_checkpoint(reference, wrapper, env, tmp_path) -> No
     assert "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow  # compile-heavy; runs in CI's test-slow
 def test_resume_of_a_corrupt_run_file(reference, tmp_path, capsys) -> None:
     out = _copy(reference.out, tmp_path)
     run_file = checkpoint.series(out)[-1] / "run.json"

@@ -124,6 +124,7 @@ def test_bad_input(data, truth, paper):
         paper.thickness_scan(truth, [[1000.0]])
 
 
+@pytest.mark.slow  # compile-heavy; runs in CI's test-slow
 def test_truth_reproduces_the_paper_data(data, truth, paper):
     """All 99 frames, truth through the emulation with its best thickness per frame: 0.90 %
     (Poisson floor 0.42 %); edkit's physics, its own best thickness per frame: ≈13 %."""

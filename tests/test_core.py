@@ -88,6 +88,7 @@ def _direct_loss(refinement, params):
     return loss + core.penalty_of(params, refinement.problem)
 
 
+@pytest.mark.slow  # compile-heavy; runs in CI's test-slow
 def test_chunked_value_and_gradient_equal_the_whole_dataset_at_once(one_frame_chunks) -> None:
     r = one_frame_chunks
     assert len(r.problem.chunks) == r.setup.n_frames  # one frame per chunk
@@ -135,6 +136,7 @@ def _direct_normal_equations(refinement, least_squares):
     return np.asarray(jac.T @ jac), np.asarray(jac.T @ r), float(r @ r)
 
 
+@pytest.mark.slow  # compile-heavy; runs in CI's test-slow
 def test_accumulated_normal_matrix_equals_the_full_jacobian(one_frame_chunks) -> None:
     r = one_frame_chunks
     least_squares = r._structure_least_squares()

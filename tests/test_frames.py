@@ -335,6 +335,7 @@ def test_rematerialisation_leaves_value_and_gradient_unchanged(crystal, quartz, 
         frame_intensity_stack(params, tables, setup, thickness, remat="some")
 
 
+@pytest.mark.slow  # compile-heavy; runs in CI's test-slow
 def test_centrosymmetric_crystals_solve_real_matrices_with_the_same_result(data_dir) -> None:
     """Glycine (P2₁/n, inversion at the origin): F(h) is real, the Bloch matrices real
     symmetric; the real route gives the complex route's intensities and gradients (with Bethe
