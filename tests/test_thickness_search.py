@@ -103,6 +103,7 @@ def test_a_far_start_finds_the_thickness_of_the_true_structure(
     assert np.mean(raw < 0.10) < 0.95  # the frames' own minima alone would not do
 
 
+@pytest.mark.slow  # runs in CI's test-slow
 def test_a_known_platelet_is_recovered(quartz, kinematical, data_dir) -> None:
     """An edkit-made dataset (exact model, Poisson counts) of a platelet t = 700 Å/cos α over 49
     frames 2° apart (α = −48…48°: 700–1046 Å): quartz.cif finds every frame within 7 % of the
@@ -137,6 +138,7 @@ def test_a_far_off_start_gives_a_smooth_start_without_outlying_frames(synthetic,
     assert result["outlier"].values.sum() < best.size // 2  # flags: the unusual frames only
 
 
+@pytest.mark.slow  # runs in CI's test-slow
 def test_an_outlier_frame_stays_on_the_trend_and_is_flagged(quartz, synthetic) -> None:
     """31 consecutive frames; one frame's intensities replaced by a noiseless simulation at 0.4
     times its thickness (a sharp, consistent minimum far off: bad integration, a crystal edge)
