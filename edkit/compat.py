@@ -139,7 +139,8 @@ class PaperNumerics:
         generator's, its F are computed in cell′).
       options: ``g_max``, ``sg_max``, ``n_sub`` for :func:`~edkit.simulate.frames.simulate_frames`,
         :func:`~edkit.simulate.frames.build_frame_setup` and :class:`~edkit.Refinement`.
-      refinement_options: ``options`` plus ``sg_weak=None`` (no Bethe beams) for a Refinement.
+      refinement_options: ``options`` plus ``sg_weak=None`` (no Bethe beams) and the moving
+        average as ``tilt_weights``, for a Refinement (one beam set per frame, F in cell′).
       tilt_weights: the moving average's per-tilt weights, (N,), sum 1.
       boundaries: the tilt segments' boundary tilts (:func:`segment_boundaries`).
       source_cell: the file's cell, in which :meth:`simulate` computes structure factors.
@@ -437,12 +438,13 @@ def diffbloch_paper(
         "not edkit's physics"
     )
     options = {"g_max": float(g_max), "sg_max": float(sg_max), "n_sub": n_tilts}
+    weights = moving_average_weights(n_tilts, window)
     return PaperNumerics(
         dataset=out,
         crystal=crystal.replace(cell=cell),
         options=options,
-        tilt_weights=moving_average_weights(n_tilts, window),
+        tilt_weights=weights,
         boundaries=segment_boundaries(n_tilts, segments),
         source_cell=source_cell,
-        refinement_options={**options, "sg_weak": None},
+        refinement_options={**options, "sg_weak": None, "tilt_weights": tuple(weights.tolist())},
     )

@@ -96,7 +96,8 @@ def test_tilts_weights_and_segments(data, paper):
     assert float(paper.dataset["mosaicity"]) == 0.0
     assert "diffbloch_paper" in paper.dataset.attrs["emulation"]
     np.testing.assert_array_equal(paper.dataset["I_obs"], data["I_obs"])
-    options_from(**paper.refinement_options)  # a Refinement accepts them
+    opts = options_from(**paper.refinement_options)  # a Refinement accepts them
+    np.testing.assert_allclose(opts.tilt_weights, counts / counts.sum())
 
 
 def test_bad_input(data, truth, paper):

@@ -92,6 +92,10 @@ class RefinementOptions:
     n_sub: int | None = field(default=None, metadata=_meta(
         cli="--n-sub", none="from the rocking width and mosaicity, 0.05° apart",
         help="sub-orientations per frame"))
+    tilt_weights: tuple[float, ...] | None = field(default=None, metadata=_meta(
+        cli=None, units="1", none="uniform (each sub-orientation its slice of the rocking range)",
+        help="relative weights of a frame's n_sub sub-orientations, shared by every frame "
+        "(edkit.compat sets the paper code's moving average); needs n_sub"))
     objective: Objective = field(default="jana", metadata=_meta(
         cli=None, help="jana: wR on |F|, Jana weights; wr2: diffBloch's per-frame intensity wR2"))
     learning_rates: dict[str, float] = field(default_factory=dict, metadata=_meta(
@@ -138,6 +142,11 @@ class RefinementOptions:
     def __post_init__(self) -> None:
         for option in dataclasses.fields(self):
             _check(option.name, getattr(self, option.name))
+        if self.tilt_weights is not None and len(self.tilt_weights) != self.n_sub:
+            raise EdkitError(
+                f"tilt_weights has {len(self.tilt_weights)} value(s); expected one per "
+                f"sub-orientation (n_sub = {self.n_sub}): give n_sub with tilt_weights"
+            )
         if "absorption" in self.refine and self.absorption is None:
             raise EdkitError(
                 "refine includes 'absorption' but absorption is None; give a starting κ"
@@ -168,7 +177,7 @@ def options_from(**kwargs: Any) -> RefinementOptions:
     values = dict(kwargs)
     if isinstance(values.get("refine"), str):
         values["refine"] = (values["refine"],)
-    for key in ("refine", "thickness_grid"):
+    for key in ("refine", "thickness_grid", "tilt_weights"):
         if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
     if isinstance(values.get("learning_rates"), dict):
@@ -236,6 +245,11 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "sg_weak": (lambda v: v is None or _positive(v), "an excitation error > 0 Å⁻¹ or None"),
     "bethe_terms": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer ≥ 1 or None"),
     "n_sub": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer ≥ 1 or None"),
+    "tilt_weights": (
+        lambda v: v is None or (isinstance(v, tuple) and len(v) >= 1
+                                and all(_is_real(w) and w >= 0 for w in v) and sum(v) > 0),
+        "None or a tuple of weights ≥ 0 with a positive sum",
+    ),
     "decay_steps": (lambda v: _is_int(v) and v >= 1, "an integer ≥ 1 (steps)"),
     "warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer ≥ 0 (steps)"),
     "structure_delay": (lambda v: _is_int(v) and v >= 0, "an integer ≥ 0 (steps)"),

@@ -7,6 +7,7 @@ initialised near it and the :class:`~edkit.refine.problem.Problem` — for a new
 loaded checkpoint alike, with a progress bar over these steps (and one over the search's frames).
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,10 @@ def _prepare(
         crystal, dataset, g_max=opts.g_max, sg_max=opts.sg_max, n_sub=opts.n_sub,
         sg_weak=opts.sg_weak, bethe_terms=opts.bethe_terms,
     )  # fmt: skip
+    if opts.tilt_weights is not None:  # the same weights for every frame, normalised
+        weights = np.asarray(opts.tilt_weights, dtype=np.float64)
+        weights = np.broadcast_to(weights / weights.sum(), setup.weights.shape)
+        setup = dataclasses.replace(setup, weights=np.ascontiguousarray(weights))
     if not setup.scored.any():
         raise EdkitError(
             f"no reflection of {dataset.attrs.get('source_file', 'the dataset')} is "
