@@ -19,6 +19,7 @@ from edkit.examples import example_file, example_files
 from edkit.io.cif import read_cif, write_cif
 from edkit.io.pets import read_pets, select_frames, write_pets
 from edkit.physics.geometry import frame_orientations
+from edkit.refine.cycles import refine_in_cycles
 from edkit.refine.refinement import Refinement
 from edkit.simulate import synthetic
 from edkit.simulate.frames import (
@@ -43,6 +44,7 @@ __all__ = [
     "metrics",
     "read_cif",
     "read_pets",
+    "refine_in_cycles",
     "select_frames",
     "simulate_frames",
     "simulate_pattern",

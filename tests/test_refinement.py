@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 from conftest import inject_nan_loss, twenty_steps_trace_once
 
-from edkit import EdkitError, Refinement, read_cif, read_pets
+from edkit import EdkitError, Refinement, read_cif, read_pets, refine_in_cycles
 from edkit.io.pets import select_frames
-from edkit.refine import core
+from edkit.refine import core, cycles
 from edkit.refine.convergence import Convergence
 from edkit.simulate.synthetic import make_dataset, rotation_series
 
@@ -693,3 +693,40 @@ def test_single_precision_refines_to_the_same_structure(quartz, recovery_problem
     for key in ("r_obs", "wr_obs", "r_all", "r_obs_mean_frame"):
         assert abs(rep32[key] - rep64[key]) < 1e-4, key
     np.testing.assert_allclose(t32, t64, rtol=1e-3)
+
+
+def test_refine_in_cycles_searches_again_and_keeps_the_best(start, dataset, monkeypatch) -> None:
+    """Two cycles (min_gain 0: the second always runs): the second a new refinement (and
+    thickness search) from the structure the first refined; the refinement returned is the
+    cycle with the lowest mean per-frame R_obs, and its messages say what each cycle did."""
+    made: list[Refinement] = []
+
+    class Recorded(Refinement):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(cycles, "Refinement", Recorded)
+    options = dict(
+        g_max=G_MAX, n_sub=N_SUB, thickness_grid=GRID, learning_rates=RATES,
+        warmup_steps=0, structure_delay=0,
+    )  # fmt: skip
+    r = refine_in_cycles(
+        start, dataset, cycles=2, min_gain=0.0, max_steps=3, lm_iterations=0, progress=False,
+        **options,
+    )  # fmt: skip
+    assert len(made) == 2 and r in made
+    assert made[1].start_crystal is not start
+    np.testing.assert_array_equal(made[1].start_crystal.fract, made[0].crystal.fract)
+    assert made[1].thickness_search_result is not None  # searched again
+    assert r.cycle_reports is not None and len(r.cycle_reports) == 2
+    finals = [c["r_obs_mean_frame"] for c in r.cycle_reports]
+    assert r.report()["r_obs_mean_frame"] == pytest.approx(min(finals), rel=1e-9)
+    assert r.messages[0].startswith("cycle 1: mean per-frame R_obs")
+    assert r.messages[1].startswith("cycle 2:") and "2 cycle(s) done" in r.messages[2]
+
+
+@pytest.mark.parametrize("bad", [dict(cycles=0), dict(cycles=1.5), dict(min_gain=1.0)])
+def test_refine_in_cycles_rejects_bad_arguments(start, dataset, bad) -> None:
+    with pytest.raises(EdkitError, match=next(iter(bad))):
+        refine_in_cycles(start, dataset, **bad)

@@ -88,6 +88,8 @@ class Refinement(StructureLeastSquaresMixin):
     problem: Problem
     #: Bars for set-up, search and least squares (None: where someone watches; also on load).
     progress: bool | None = None
+    #: Each cycle's :meth:`report` when made by :func:`edkit.refine.cycles.refine_in_cycles`.
+    cycle_reports: list[dict[str, Any]] | None = None
 
     @x64
     def __init__(
