@@ -151,7 +151,7 @@ def table(results: list[Result]) -> str:
     """A Markdown table of ``results``."""
     rows = [
         "| data | start | frames | RMS Å start → end | max ΔUeq Å² | thickness % RMS "
-        "| R_obs start → end | Adam steps | s |",
+        "| R_obs start → end | steps (Adam + LM) | s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
