@@ -251,7 +251,7 @@ class StepTimeEstimate:
         limit = "at most " if self.at_most else ""
         self.say(
             f"step {refinement.step_count} took {_duration(took)}; at that rate the {limit}"
-            f"{left} Adam step(s) left take about {limit}{_duration(left * took)} ({basis}; "
+            f"{left} Adam step(s) left take {limit}about {_duration(left * took)} ({basis}; "
             "Levenberg–Marquardt rounds and checkpoints not included)"
         )
 
