@@ -17,7 +17,8 @@ thickness error (% RMS against the platelet law, or against the known thickness 
 the mean per-frame R_obs, the steps, why Adam stopped, and the time.
 
 Run: ``python benchmarks/paper_benchmarks.py [--every 5] [--levels 01 02 03]
-[--modes plain compat clean] [--max-steps 300] [--cycles 1] [--json out.json]``.
+[--modes plain compat clean] [--max-steps 300] [--cycles 1] [--initial-spread F]
+[--json out.json]``.
 """
 
 import argparse
@@ -32,6 +33,7 @@ import numpy as np
 import edkit
 from edkit.compat import diffbloch_paper
 from edkit.io.pets import select_frames
+from edkit.models.thickness import ProfileNet
 from edkit.refine.convergence import MAX_STEPS
 from edkit.simulate.synthetic import make_dataset
 
@@ -173,9 +175,16 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--max-steps", type=int, default=MAX_STEPS, help="Adam steps at most")
     parser.add_argument("--cycles", type=int, default=1, help="search-refine cycles at most")
+    parser.add_argument(
+        "--initial-spread",
+        type=float,
+        help="experiment: the profile network's start thickness spread (fraction; default 0.05)",
+    )
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
+    if args.initial_spread is not None:  # a class attribute, not a Refinement option (yet)
+        ProfileNet.initial_spread = args.initial_spread
     truth = edkit.read_cif(edkit.example_file("quartz_kinematical.cif"))
     paper = edkit.read_pets(edkit.example_file("quartz_synthetic.cif_pets"))
     law = generator_law(paper, truth)
