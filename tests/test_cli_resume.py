@@ -6,9 +6,10 @@ n_sub 5) with 10 Adam steps, a checkpoint every 5 and one Levenberg–Marquardt 
 run is its own process (``python -m edkit.cli`` through a small wrapper, below): an
 uninterrupted reference; a run SIGKILLed right after its step-5 checkpoint; a resume of it that
 gets SIGINT (Ctrl-C) right after the checkpoint at the end of the Adam steps; and a resume of
-that which runs LM and writes the outputs. The wrapper pauses (``signal.pause``) after writing
-the checkpoint at ``EDKIT_TEST_PAUSE_AT`` so that the test's signal arrives at a known point; it
-changes nothing else.
+that which runs LM and writes the outputs. The wrapper pauses after writing the checkpoint at
+``EDKIT_TEST_PAUSE_AT`` (and says so in a marker file) until the test's signal arrives, so that
+the signal arrives at a known point; a SIGINT that comes before the pause begins still ends it
+(no race on a loaded machine). It changes nothing else.
 
 The processes share a JAX persistent compilation cache in a temporary folder, which makes every
 run after the first about 3× faster (the same executables: checked to give bit-identical
@@ -36,16 +37,36 @@ from edkit.refine import checkpoint
 from edkit.refine.schedule import Checkpointer, Position, Schedule, from_run, run_schedule
 
 WRAPPER = """
-import os, signal, sys
+import os, signal, sys, time
+from pathlib import Path
 from edkit.refine import checkpoint
 from edkit.cli import main
 
 pause_at, write = int(os.environ.get("EDKIT_TEST_PAUSE_AT", "-1")), checkpoint.write_series
+paused_marker = Path(os.environ.get("EDKIT_TEST_PAUSED_MARKER", os.devnull))
+interrupts = []
+install = signal.signal
+
+def recording(signum, handler):
+    # Every SIGINT the run's own handler gets is also counted here: the pause below ends on
+    # one even if it arrived before the pause began (no race with the test's signal).
+    if signum == signal.SIGINT and callable(handler):
+        def handle(number, frame, handler=handler):
+            interrupts.append(number)
+            return handler(number, frame)
+        return install(signum, handle)
+    return install(signum, handler)
+
+signal.signal = recording
 
 def write_series(refinement, out, run):
     folder = write(refinement, out, run)
     if refinement.step_count == pause_at:
-        signal.pause()  # until the test's SIGKILL or SIGINT
+        count = len(interrupts)
+        paused_marker.with_suffix(".tmp").write_text(folder.name)
+        paused_marker.with_suffix(".tmp").replace(paused_marker)  # atomic: whole name or none
+        while len(interrupts) == count:  # until the test's SIGINT (or SIGKILL)
+            time.sleep(0.02)
     return folder
 
 checkpoint.write_series = write_series
@@ -87,28 +108,37 @@ class Run:
     def __init__(self, wrapper: Path, argv: list[str], env: dict, log: Path, pause_at=-1):
         self.out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
         self.out_file, self.err_file = log.with_suffix(".out"), log.with_suffix(".err")
+        self.paused_marker = log.with_suffix(".paused")
         with open(self.out_file, "w") as out, open(self.err_file, "w") as err:
             self.process = subprocess.Popen(
                 [sys.executable, str(wrapper), *argv],
                 stdout=out,
                 stderr=err,
-                env={**env, "EDKIT_TEST_PAUSE_AT": str(pause_at)},
+                env={
+                    **env,
+                    "EDKIT_TEST_PAUSE_AT": str(pause_at),
+                    "EDKIT_TEST_PAUSED_MARKER": str(self.paused_marker),
+                },
             )
 
-    def wait_for(self, folder: Path, pattern: str) -> Path:
-        """Poll ``folder`` until an entry named ``pattern`` (a regex) appears."""
+    def wait_until_paused(self) -> str:
+        """Poll until the wrapper pauses after its checkpoint; the checkpoint's name."""
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
-            found = [p for p in folder.glob("*") if re.fullmatch(pattern, p.name)]
-            if found:
-                return found[0]
+            if self.paused_marker.exists():
+                return self.paused_marker.read_text()
             assert self.process.poll() is None, f"exited early:\n{self.stderr}"
             time.sleep(0.05)
         self.process.kill()
-        raise AssertionError(f"no {pattern} in {folder} after {TIMEOUT} s:\n{self.stderr}")
+        raise AssertionError(f"no pause after {TIMEOUT} s:\n{self.stderr}")
 
     def finish(self) -> int:
-        return self.process.wait(TIMEOUT)
+        try:
+            return self.process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # not left running into the next tests
+            self.process.wait()
+            raise AssertionError(f"still running after {TIMEOUT} s:\n{self.stderr}") from None
 
     @property
     def stdout(self) -> str:
@@ -139,7 +169,7 @@ def resumed(data_dir, wrapper, env, tmp_path_factory, reference) -> dict:
     folder = tmp_path_factory.mktemp("resumed")
     out, series = folder / "out", folder / "out" / "checkpoints"
     killed = Run(wrapper, _flags(data_dir, out), env, folder / "killed", pause_at=5)
-    killed.wait_for(series, r"0001-step000005")
+    assert killed.wait_until_paused() == "0001-step000005"
     killed.process.send_signal(signal.SIGKILL)
     killed_code = killed.finish()
     outputs_after_kill = sorted(p.name for p in out.iterdir())
@@ -148,7 +178,7 @@ def resumed(data_dir, wrapper, env, tmp_path_factory, reference) -> dict:
     stale.mkdir()
     (stale / "state.npz").write_bytes(b"PK\x03\x04 truncated")
     interrupted = Run(wrapper, ["refine", "--resume", str(out)], env, folder / "interrupted", 10)
-    interrupted.wait_for(series, r"0002-step000010")
+    assert interrupted.wait_until_paused() == "0002-step000010"
     interrupted.process.send_signal(signal.SIGINT)
     interrupted_code = interrupted.finish()
     after_steps = checkpoint.series(out)
