@@ -117,6 +117,7 @@ def quartz_frames(data_dir):
     return select_frames(read_pets(data_dir / "pets" / "quartz_experimental.cif_pets"), [2, 40])
 
 
+@pytest.mark.slow  # ≥ 12 s; runs in CI's test-slow
 def test_quartz_bethe_matches_the_full_solve(quartz_crystal, quartz_frames) -> None:
     """Strong |S| ≤ 0.005 + Bethe up to 0.03 Å⁻¹ against all beams to 0.03 solved exactly."""
     options = {"n_sub": 15}

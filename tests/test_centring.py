@@ -174,6 +174,7 @@ def test_primitive_crystal_is_unchanged(data_dir) -> None:
     np.testing.assert_array_equal(pruned.values, full.values)
 
 
+@pytest.mark.slow  # ≥ 12 s; runs in CI's test-slow
 def test_frame_intensities_unchanged_by_pruning(crystals) -> None:
     """Albite frames (C: half the strong and half the Bethe weak beams): the same intensities.
     (One compiled case, Bethe on, to keep the test fast: the strong beams' solve is the plain

@@ -102,12 +102,14 @@ def test_chunked_value_and_gradient_equal_the_whole_dataset_at_once(one_frame_ch
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-10 * scale
 
 
+@pytest.mark.slow  # ≥ 12 s; runs in CI's test-slow
 def test_streamed_steps_trace_once_per_chunk_shape(start, dataset) -> None:
     r = _refinement(start, dataset, 1)
     assert not r.problem.fused and len(r.problem.chunks) == r.setup.n_frames
     twenty_steps_trace_once(r)
 
 
+@pytest.mark.slow  # ≥ 12 s; runs in CI's test-slow
 def test_chunk_sizes_give_the_same_step(one_frame_chunks, start, dataset) -> None:
     whole = _refinement(start, dataset, 64)
     assert len(whole.problem.chunks) < len(one_frame_chunks.problem.chunks)

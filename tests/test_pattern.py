@@ -185,7 +185,7 @@ def _fd_check(f, x, step, rtol=1e-5):
     [
         ("quartz", [1.0, 0.13, 0.27], None),
         ("quartz", [1.0, 0.13, 0.27], 0.05),
-        ("pyrite", [1, 1, 1], None),
+        pytest.param("pyrite", [1, 1, 1], None, marks=pytest.mark.slow),  # 29 s
     ],
 )
 def test_gradients_match_finite_differences(name, axis, absorption, quartz, pyrite):

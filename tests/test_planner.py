@@ -39,7 +39,9 @@ def _modelled_and_compiled(refinement: Refinement) -> tuple[float, float]:
     ("structure", "data", "every", "g_max"),
     [
         ("quartz_kinematical.cif", "quartz_experimental.cif_pets", 20, 1.6),  # whole solves
-        ("glycine.cif", "glycine_dyn.cif_pets", 10, 1.8),  # real, sub-orientation batches
+        pytest.param(  # real, sub-orientation batches; 21 s
+            "glycine.cif", "glycine_dyn.cif_pets", 10, 1.8, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_frame_model_matches_xla(data_dir, structure, data, every, g_max) -> None:

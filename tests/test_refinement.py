@@ -404,6 +404,7 @@ def test_cell_mismatch_names_both_files(quartz, experiment) -> None:
         ({"refine": ("absorption",)}, "absorption is None"),
         ({"objective": "r1"}, "objective = 'r1'"),
         ({"learning_rates": {"bonds": 1.0}}, "learning_rates: unknown group"),
+        ({"thickness_spread": 0.0}, r"thickness_spread = 0.0: expected a fraction 0 < s < 1"),
     ],
 )
 def test_bad_options(quartz, dataset, options, match) -> None:
@@ -695,6 +696,7 @@ def test_single_precision_refines_to_the_same_structure(quartz, recovery_problem
     np.testing.assert_allclose(t32, t64, rtol=1e-3)
 
 
+@pytest.mark.slow  # ≥ 12 s; runs in CI's test-slow
 def test_refine_in_cycles_searches_again_and_keeps_the_best(start, dataset, monkeypatch) -> None:
     """Two cycles (min_gain 0: the second always runs): the second a new refinement (and
     thickness search) from the structure the first refined; the refinement returned is the
@@ -730,3 +732,20 @@ def test_refine_in_cycles_searches_again_and_keeps_the_best(start, dataset, monk
 def test_refine_in_cycles_rejects_bad_arguments(start, dataset, bad) -> None:
     with pytest.raises(EdkitError, match=next(iter(bad))):
         refine_in_cycles(start, dataset, **bad)
+
+
+def test_start_spread_is_the_better_fitting_of_two(template, start, dataset) -> None:
+    """Without ``thickness_spread`` the profile network starts at whichever of 1 % and 5 % gives
+    the lower training loss; the data here have one thickness per frame, so 1 % fits better."""
+    losses = template.start_spread_losses
+    assert set(losses) == {0.01, 0.05}
+    assert losses[0.01] < losses[0.05]
+    relative = template.thickness["spread"].values / template.thickness.values
+    np.testing.assert_allclose(relative, 0.01, rtol=0.02)
+    assert any(m.startswith("start thickness spread σ/μ = 1 %") for m in template.messages)
+    given = Refinement(
+        start, dataset, g_max=G_MAX, n_sub=N_SUB, thickness_grid=GRID, thickness_spread=0.03
+    )
+    assert given.start_spread_losses == {}
+    relative = given.thickness["spread"].values / given.thickness.values
+    np.testing.assert_allclose(relative, 0.03, rtol=0.02)

@@ -45,6 +45,7 @@ def _search(crystal, dataset, **options):
     return setup, thickness_search(crystal, dataset, GRID, setup=setup, **options)
 
 
+@pytest.mark.slow  # ≥ 12 s; runs in CI's test-slow
 def test_coarse_curves_and_chosen_r_are_those_of_the_full_solve(quartz, synthetic) -> None:
     """The R curves from the kept amplitudes equal the frame stack's R at every grid thickness
     (one decomposition per sub-orientation either way), and every reported R at a fine
@@ -81,6 +82,7 @@ def test_coarse_curves_and_chosen_r_are_those_of_the_full_solve(quartz, syntheti
     assert np.all(off_grid <= 25.0) and np.any(off_grid % 25.0 > 0)  # refined between points
 
 
+@pytest.mark.slow  # ≥ 12 s; runs in CI's test-slow
 def test_a_far_start_finds_the_thickness_of_the_true_structure(
     quartz, kinematical, synthetic
 ) -> None:

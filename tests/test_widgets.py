@@ -124,6 +124,7 @@ def test_widget_state_has_no_cdn_url() -> None:
     assert "edkit-test" in plot._dom_classes
 
 
+@pytest.mark.slow  # ≥ 12 s; runs in CI's test-slow
 def test_notebook_loader_inlines_bokeh(tmp_path) -> None:
     """In a real kernel, ``extension()`` publishes BokehJS inline (no script URL at all), a
     displayed plot's widget state references no CDN, and plain HoloViews objects render."""

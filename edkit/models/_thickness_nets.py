@@ -99,9 +99,9 @@ class ProfileNet(ThicknessModel):
         self.spread = bool(spread)
         dtype = float_dtype()
         self.mlp = _MLP([1, hidden, hidden, 2], last_scale=1e-2, dtype=dtype, rngs=rngs)
-        sigma_raw = np.log(np.expm1(self.initial_spread))  # softplus⁻¹(0.05)
-        bias = np.array([unbounded(initial, self.lower, self.upper), sigma_raw])
+        bias = np.array([unbounded(initial, self.lower, self.upper), 0.0])
         self.mlp.set_last_bias(jnp.asarray(bias, dtype))
+        self.set_relative_spread(self.initial_spread)
         if self.spread:
             if n_nodes < 1:
                 raise EdkitError(f"ProfileNet: n_nodes must be ≥ 1, got {n_nodes}")
@@ -111,6 +111,16 @@ class ProfileNet(ThicknessModel):
             self.node_weights = tuple(float(v) / np.sqrt(np.pi) for v in w)
         else:
             self.n_nodes = 1
+
+    def set_relative_spread(self, relative: float) -> None:
+        """Make σ = ``relative``·μ at every α: the spread output's weights to zero, its bias
+        softplus⁻¹(``relative``); the mean's output is left as it is (e.g. after a fit)."""
+        if not (np.isfinite(relative) and relative > 0):
+            raise EdkitError(f"ProfileNet: the relative spread must be > 0, got {relative!r}")
+        last = self.mlp.layers[-1]
+        assert last.bias is not None  # every layer has one (set_last_bias)
+        last.kernel[...] = last.kernel[...].at[:, 1].set(0.0)
+        last.bias[...] = last.bias[...].at[1].set(np.log(np.expm1(relative)))
 
     def mean_and_spread(self, features: FrameFeatures) -> tuple[jax.Array, jax.Array]:
         """μ(α) and σ(α) in Å, each shape (n_f,) (before the nodes are clamped)."""

@@ -119,6 +119,10 @@ class RefinementOptions:
         cli=None, units="frames", help="frames per vmapped batch"))
     thickness_grid: tuple[float, float, float] = field(default=(50.0, 2000.0, 25.0), metadata=_meta(
         cli=None, units="Å", help="start, stop, step of the initial thickness grid search"))
+    thickness_spread: float | None = field(default=None, metadata=_meta(
+        cli="--thickness-spread", units="1",
+        none="whichever of 1 % and 5 % fits the start better (after the thickness search)",
+        help="the profile-net's start spread σ/μ of each frame's thickness (e.g. 0.05)"))
     riding: bool = field(default=True, metadata=_meta(
         cli=None, help="riding constraints (hydrogen atoms on their parents)"))
     divergence_factor: float = field(default=3.0, metadata=_meta(
@@ -260,6 +264,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
         lambda v: isinstance(v, tuple) and len(v) == 3 and all(_positive(t) for t in v)
         and v[0] <= v[1],
         "(start, stop, step) in Å, all > 0, start ≤ stop",
+    ),
+    "thickness_spread": (
+        lambda v: v is None or (_is_real(v) and 0 < v < 1), "a fraction 0 < s < 1 or None"
     ),
     "riding": (lambda v: isinstance(v, bool), "True or False"),
     "divergence_factor": (lambda v: _is_real(v) and v > 1, "a factor > 1"),

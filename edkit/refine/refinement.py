@@ -122,6 +122,13 @@ class Refinement(StructureLeastSquaresMixin):
         self.best_step = 0
         self.best_loss = math.inf
         self.messages: list[str] = []
+        if len(self.start_spread_losses) > 1:
+            losses = self.start_spread_losses
+            chosen = min(losses, key=lambda s: losses[s] if math.isfinite(losses[s]) else math.inf)
+            tried = ", ".join(f"{100 * s:g} %: {v:.4g}" for s, v in losses.items())
+            self.messages.append(
+                f"start thickness spread σ/μ = {100 * chosen:g} % (training loss {tried})"
+            )
         #: The latest :meth:`uncertainties` with "steps" (``step_count`` then); None before.
         self.last_uncertainties: dict[str, np.ndarray] | None = None
         self._records: list[dict[str, Any]] = []
