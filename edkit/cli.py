@@ -54,8 +54,13 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     left = schedule.steps_left(position)
     lm_left = sum(s.kind == "lm" for s in schedule.stages()[position.stage :])
     estimate = "; a time estimate follows the first step" if left else ""
-    converging = schedule.until_converged and position.stage == 0
+    converging = schedule.until_converged and all(
+        s.kind != "lm" for s in schedule.stages()[: position.stage + 1]
+    )
     steps = f"up to {left} Adam step(s) (until converged)" if converging else f"{left} Adam step(s)"
+    searches = sum(s.kind == "search" for s in schedule.stages()[position.stage :])
+    if searches:
+        steps += f", up to {searches} thickness search(es) from the refined structure"
     print(
         f"plan: {steps} and {lm_left} Levenberg–Marquardt round(s){estimate}. "
         f"Checkpoints into {out / 'checkpoints'}: {_interval(every)}, at the end of each phase "
@@ -81,7 +86,11 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     report = refinement.report()
     report["seconds"] = round(prior + time.perf_counter() - started, 1)
     # How each stage ended (converged, step limit, least squares' shift/s.u.), in words.
-    report["stages"] = [m for m in refinement.messages if "converge" in m or "Levenberg" in m]
+    report["stages"] = [
+        m
+        for m in refinement.messages
+        if "converge" in m or "Levenberg" in m or m.startswith("thickness search")
+    ]
     report["structure"] = run.get("structure")
     report["data"] = run.get("data")
     if args.resume is not None:
@@ -135,9 +144,10 @@ def _start(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
         "checkpoint_every": args.checkpoint_every,
     }
     until_converged = args.steps is None
+    searches = args.searches if args.searches is not None else (2 if until_converged else 0)
     schedule = Schedule(
         args.max_steps if until_converged else args.steps, args.lm_rounds, args.lm_iterations,
-        args.polish_steps, until_converged,
+        args.polish_steps, until_converged, searches,
     )  # fmt: skip
     return refinement, run, schedule, Position(), out
 
@@ -305,6 +315,12 @@ def _add_refine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--every", type=int, default=1, help="use every N-th frame only (default: %(default)s)"
     )
+    parser.add_argument(
+        "--searches", type=int, default=None, metavar="N",
+        help="after the Adam steps, up to N times: the thickness search again from the refined "
+        "structure and, where more than 5 %% of the frames' thickness is over 10 %% off, a new "
+        "start of the thickness model and Adam steps again (default: 2, or 0 with --steps)",
+    )  # fmt: skip
     parser.add_argument(
         "--lm-rounds", type=int, default=1,
         help="Levenberg–Marquardt rounds on the structure after the Adam steps (default: "

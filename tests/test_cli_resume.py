@@ -401,3 +401,59 @@ def test_a_converged_stage_ends_early_and_the_schedule_goes_on() -> None:
     assert fake.log == [("step", 1), ("step", 2), ("since", 0), ("best", 2), ("lm", 3)]
     run = {"schedule": dataclasses.asdict(schedule), "position": {"stage": 0, "done": 1}}
     assert from_run(json.loads(json.dumps(run)), Path("run.json")) == (schedule, Position(0, 1))
+
+
+class Searching(FakeRefinement):
+    """Its thickness searches answer from ``moves``: True restarts the thickness model."""
+
+    def __init__(self, moves: list[bool], step_count: int = 0) -> None:
+        super().__init__(step_count)
+        self.moves = list(moves)
+
+    def search_thickness_again(self, progress: bool = True) -> bool:
+        moved = self.moves.pop(0)
+        self.log.append(("search", moved))
+        return moved
+
+
+SEARCHING = Schedule(steps=2, lm_rounds=1, lm_iterations=3, searches=2)
+
+
+@pytest.mark.parametrize(
+    ("moves", "expected"),
+    [
+        # the thickness stands at the first search: on to LM at once
+        ([False], [("search", False), ("lm", 3)]),
+        # a new start, steps, then the thickness stands
+        ([True, False], [("search", True), ("step", 3), ("step", 4), ("best", 4),
+                         ("search", False), ("lm", 3)]),
+        # two new starts, each followed by its steps
+        ([True, True], [("search", True), ("step", 3), ("step", 4), ("best", 4),
+                        ("search", True), ("step", 5), ("step", 6), ("best", 6), ("lm", 3)]),
+    ],
+)  # fmt: skip
+def test_schedule_searches_the_thickness_again(moves, expected) -> None:
+    fake = Searching(moves)
+    outcome = run_schedule(fake, SEARCHING, Recorder(0))
+    assert not outcome.stopped and outcome.position == Position(len(SEARCHING.stages()), 0)
+    assert fake.log == [("step", 1), ("step", 2), ("best", 2), *expected]
+    assert [s.kind for s in SEARCHING.stages()] == [
+        "steps", "search", "steps", "search", "steps", "lm"
+    ]  # fmt: skip
+    assert from_run(
+        {"schedule": dataclasses.asdict(SEARCHING), "position": {"stage": 1, "done": 0}},
+        Path("run.json"),
+    ) == (SEARCHING, Position(1, 0))
+
+
+@pytest.mark.parametrize("stop_after", range(1, 9))
+def test_schedule_with_searches_stopped_and_resumed_anywhere(stop_after: int) -> None:
+    straight = Searching([True, False])
+    run_schedule(straight, SEARCHING, Recorder(None))
+    first = Searching([True, False])
+    outcome = run_schedule(first, SEARCHING, Recorder(0), stop=lambda: len(first.log) >= stop_after)
+    assert outcome.stopped
+    second = Searching(first.moves, first.step_count)
+    rest = run_schedule(second, SEARCHING, Recorder(0), outcome.position)
+    assert not rest.stopped
+    assert first.log + second.log == straight.log

@@ -25,9 +25,11 @@ import jax
 import numpy as np
 import pytest
 from conftest import inject_nan_loss, twenty_steps_trace_once
+from flax import nnx
 
 from edkit import EdkitError, Refinement, read_cif, read_pets, refine_in_cycles
 from edkit.io.pets import select_frames
+from edkit.models.thickness import fit_to_thickness
 from edkit.refine import core, cycles
 from edkit.refine.convergence import Convergence
 from edkit.simulate.synthetic import make_dataset, rotation_series
@@ -497,12 +499,14 @@ def test_run_until_converged_stops_and_says_why(template) -> None:
 
 
 def test_fit_runs_the_default_recipe(template) -> None:
-    """Adam (here cut at 3 steps), the best state, one least-squares round; each stage says
-    how it ended."""
+    """Adam (here cut at 3 steps), the best state, the thickness search again (it stands), one
+    least-squares round; each stage says how it ended."""
     r = fresh(template)
     r.fit(max_steps=3, lm_iterations=1, progress=False)
     assert r.step_count == 4  # 3 Adam steps + 1 LM record
-    assert "step limit" in r.messages[-2] and "Levenberg–Marquardt" in r.messages[-1]
+    assert "step limit" in r.messages[-3] and "Levenberg–Marquardt" in r.messages[-1]
+    assert r.messages[-2].startswith("thickness search from the refined structure (step 3)")
+    assert r.messages[-2].endswith("the thickness stands")  # searched once: no more steps
     assert r.history["loss"].values[-1] <= r.history["loss"].values[:3].min()
 
 
@@ -749,3 +753,23 @@ def test_start_spread_is_the_better_fitting_of_two(template, start, dataset) -> 
     assert given.start_spread_losses == {}
     relative = given.thickness["spread"].values / given.thickness.values
     np.testing.assert_allclose(relative, 0.03, rtol=0.02)
+
+
+def test_thickness_search_again_restarts_only_a_wrong_thickness(template) -> None:
+    """The search from the refined structure leaves a right thickness alone, and gives a
+    thickness model that is 40 % off a new start at the searched thickness (the structure and
+    every other parameter kept)."""
+    r = fresh(template)
+    assert not r.search_thickness_again(progress=False)
+    assert r.messages[-1].endswith("0 of 4 frame(s) more than 10 % from the refined thickness; "
+                                   "the thickness stands")  # fmt: skip
+    model = r.model
+    fit_to_thickness(model.thickness, r.features, 1.4 * r.initial_thickness)
+    r.state = nnx.state(model, nnx.Param)
+    np.testing.assert_allclose(r.thickness.values, 1.4 * r.initial_thickness, rtol=0.01)
+    before = r.state
+    assert r.search_thickness_again(progress=False)
+    assert "4 of 4 frame(s)" in r.messages[-1] and "starts again" in r.messages[-1]
+    np.testing.assert_allclose(r.thickness.values, r.initial_thickness, rtol=0.02)
+    np.testing.assert_array_equal(r.model.positions[...], nnx.merge(r.graphdef, before).positions)
+    np.testing.assert_allclose(r.initial_thickness, template.initial_thickness, rtol=0.1)

@@ -178,3 +178,8 @@ class ThicknessModel(nnx.Module):
         """Σ_k w_k t_k per frame, Å, shape (n_f,)."""
         values, weights = self(features)
         return jnp.sum(values * weights, axis=-1)
+
+    def fitted_thickness(self, features: FrameFeatures) -> jax.Array:
+        """What :func:`~edkit.models.thickness.fit_to_thickness` matches to its target, Å,
+        (n_f,): the mean thickness unless a model says otherwise."""
+        return self.mean_thickness(features)

@@ -64,11 +64,13 @@ class _MLP(nnx.Module):
 class ProfileNet(ThicknessModel):
     """The paper's network: α_normalized → MLP 1→hidden→hidden→2 (tanh) → (μ(α), σ(α)).
 
-    μ = bounded(o₀) ∈ (lower, upper); σ = μ·softplus(o₁) ≥ 0 (a relative spread, initialised at
-    5 % of μ). With ``spread=True`` the thickness distribution is Gaussian, represented by
-    ``n_nodes`` Gauss–Hermite nodes t_k = μ + √2 σ x_k with weights w_k/√π, smoothly clamped into
-    [lower, upper]; with ``spread=False``, n_t = 1 and t = μ. The last layer starts small and its
-    bias at the inverse transforms of ``initial`` and 5 %, so the output is ≈ ``initial`` (±1 %)
+    μ = bounded(o₀) ∈ (lower, upper); σ = μ·softplus(o₁) ≥ 0, a relative spread that starts at
+    ``initial_spread`` = 5 % of μ (:meth:`set_relative_spread` sets another; a refinement
+    chooses 1 % or 5 %: :func:`edkit.refine.prepare.start_spread`). With ``spread=True`` the
+    thickness distribution is Gaussian, represented by ``n_nodes`` Gauss–Hermite nodes
+    t_k = μ + √2 σ x_k with weights w_k/√π, smoothly clamped into [lower, upper]; with
+    ``spread=False``, n_t = 1 and t = μ. The last layer starts small and its bias at the
+    inverse transforms of ``initial`` and the spread, so the output is ≈ ``initial`` (±1 %)
     for every α. The MLP runs on the batch of frames (each frame independently).
 
     Args:
@@ -127,6 +129,11 @@ class ProfileNet(ThicknessModel):
         out = self.mlp(features.alpha_normalized[:, None])  # (n_f, 2)
         mu = bounded(out[:, 0], self.lower, self.upper)
         return mu, mu * jax.nn.softplus(out[:, 1])
+
+    def fitted_thickness(self, features: FrameFeatures) -> jax.Array:
+        """μ(α), Å, (n_f,): fitted to a target, the mean of the clamped nodes has a degenerate
+        optimum (μ at the lower bound, σ thousands of Å, measured) that μ itself has not."""
+        return self.mean_and_spread(features)[0]
 
     def __call__(self, features: FrameFeatures) -> tuple[jax.Array, jax.Array]:
         mu, sigma = self.mean_and_spread(features)

@@ -67,7 +67,8 @@ def fit_to_thickness(
 ) -> list[float]:
     """Pre-train ``model`` in place so its mean thickness matches ``target`` on the masked frames.
 
-    Loss: mean over frames with ``mask`` of ((Σ_k w t − target)/target)². Adam on the model's
+    Loss: mean over frames with ``mask`` of ((t̄ − target)/target)², t̄ the model's
+    :meth:`fitted_thickness` (Σ_k w t; μ for the profile network). Adam on the model's
     ``nnx.Param``s with a short second-moment memory (b2 = 0.95: the first gradients of a far-off
     start are large and a long memory would stall the end of the fit), the rate decaying from
     ``learning_rate`` to 1 % of it (cosine); one jitted step (compiled once per call).
@@ -103,7 +104,7 @@ def fit_to_thickness(
     optimizer = nnx.Optimizer(model, optax.adam(schedule, b2=0.95), wrt=nnx.Param)
 
     def loss_fn(model: ThicknessModel) -> jax.Array:
-        mean = model.mean_thickness(features)
+        mean = model.fitted_thickness(features)
         return jnp.sum(weight * ((mean - safe_target) / safe_target) ** 2)
 
     @nnx.jit

@@ -191,7 +191,7 @@ def _prepare(
         spreads = START_SPREADS if opts.thickness_spread is None else (opts.thickness_spread,)
         if opts.thickness_spread is None and search is None:
             spreads = (ProfileNet.initial_spread,)  # a given start (a checkpoint): no choice
-        params, spread_losses = _start_spread(model, spreads, problem)
+        params, spread_losses = start_spread(model, spreads, problem)
     bar.update()
     return Prepared(
         setup, mapping, plan, features, i_obs, sigma, validation, train_mask, validation_mask,
@@ -200,7 +200,7 @@ def _prepare(
     )  # fmt: skip
 
 
-def _start_spread(
+def start_spread(
     model: HybridModel, spreads: tuple[float, ...], problem: Problem
 ) -> tuple[Any, dict[float, float]]:
     """Set the profile network's start spread σ/μ to the candidate with the lowest training loss
@@ -217,13 +217,18 @@ def _start_spread(
     for spread in spreads:
         thickness.set_relative_spread(spread)
         if len(spreads) > 1:
-            train, _, _, _ = core.accumulate(problem, nnx.state(model, nnx.Param), gradient=False)
-            loss, _ = loss_from_sums(problem.objective, train, problem.train_denominator)
-            losses[float(spread)] = float(loss)
+            losses[float(spread)] = training_loss(nnx.state(model, nnx.Param), problem)
     if losses:
         best = min(losses, key=lambda s: losses[s] if math.isfinite(losses[s]) else math.inf)
         thickness.set_relative_spread(best)
     return nnx.state(model, nnx.Param), losses
+
+
+def training_loss(params: Any, problem: Problem) -> float:
+    """The training loss of ``params`` (one streamed forward pass, no gradient)."""
+    train, _, _, _ = core.accumulate(problem, params, gradient=False)
+    loss, _ = loss_from_sums(problem.objective, train, problem.train_denominator)
+    return float(loss)
 
 
 def _model(

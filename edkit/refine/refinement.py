@@ -26,7 +26,7 @@ from edkit.models.hybrid import HybridModel
 from edkit.models.parameters import StructureMapping
 from edkit.models.thickness import FrameFeatures
 from edkit.precision import x64
-from edkit.refine import checkpoint, core, lm, results
+from edkit.refine import checkpoint, core, lm, research, results
 from edkit.refine.convergence import MAX_STEPS, Convergence
 from edkit.refine.least_squares import StructureLeastSquaresMixin
 from edkit.refine.options import (
@@ -318,17 +318,33 @@ class Refinement(StructureLeastSquaresMixin):
         *,
         progress: bool = True,
         convergence: Convergence | None = None,
+        searches: int = 2,
     ) -> "Refinement":
         """The default recipe (what ``edkit refine`` runs without flags): Adam steps until
-        converged (at most ``max_steps``; the warm-up options apply), the best state, then one
+        converged (at most ``max_steps``; the warm-up options apply) and the best state; then up
+        to ``searches`` times the thickness search again from the refined structure, and where
+        it disagrees with the refined thickness a new start of the thickness model and Adam
+        steps until converged again (:mod:`edkit.refine.research`); then one
         Levenberg–Marquardt round of at most ``lm_iterations`` on the structure (none if no
         position or ADP is refined). Why each stage stopped is in :attr:`messages`. Returns
         ``self``."""
         self.run(max_steps, progress=progress, until_converged=convergence or True)
         self.use_best()
+        for _ in range(searches):
+            if not self.search_thickness_again(progress=progress):
+                break
+            self.run(max_steps, progress=progress, until_converged=convergence or True)
+            self.use_best()
         if lm_iterations > 0 and self.n_parameters > 0:
             self.refine_structure(lm_iterations)
         return self
+
+    @x64
+    def search_thickness_again(self, tolerance: float = 0.10, progress: bool = True) -> bool:
+        """The thickness search from the refined structure; where more than 5 % of the frames'
+        thickness is off by more than ``tolerance``, the thickness model starts again from it.
+        True if it did (see :func:`edkit.refine.research.search_again`)."""
+        return research.search_again(self, tolerance=tolerance, progress=progress)
 
     def panel(self, **options: Any) -> Any:
         """Deprecated: use ``edkit.widgets.RefinementPanel(refinement, **options)`` (this layer

@@ -31,10 +31,11 @@ CHECKPOINT_SECONDS = 300.0
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: ``size`` Adam steps (then the best state is made current), or one
-    Levenberg–Marquardt round of ``size`` iterations."""
+    """One stage: ``size`` Adam steps (then the best state is made current), one
+    Levenberg–Marquardt round of ``size`` iterations, or the thickness search again from the
+    refined structure (``size`` 0; :mod:`edkit.refine.research`)."""
 
-    kind: Literal["steps", "lm"]
+    kind: Literal["steps", "lm", "search"]
     size: int
     #: A steps stage that ends early once converged (``size`` is then its limit).
     until_converged: bool = False
@@ -42,20 +43,25 @@ class Stage:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Adam ``steps``, then ``lm_rounds`` × (LM of ``lm_iterations``, ``polish_steps`` steps).
+    """Adam ``steps``; ``searches`` × (the thickness search again, Adam ``steps``); then
+    ``lm_rounds`` × (LM of ``lm_iterations``, ``polish_steps`` steps).
 
-    With ``until_converged`` the first Adam stage stops once converged
-    (:class:`~edkit.refine.convergence.Convergence`), ``steps`` being its limit."""
+    With ``until_converged`` the Adam stages before LM stop once converged
+    (:class:`~edkit.refine.convergence.Convergence`), ``steps`` being each one's limit. A search
+    that finds the refined thickness standing skips the searches and steps before LM."""
 
     steps: int
     lm_rounds: int = 0
     lm_iterations: int = 4
     polish_steps: int = 0
     until_converged: bool = False
+    searches: int = 0
 
     def stages(self) -> tuple[Stage, ...]:
-        """The stages in order (as ``edkit refine`` has always run them)."""
+        """The stages in order (without searches, as ``edkit refine`` has always run them)."""
         stages = [Stage("steps", self.steps, self.until_converged)]
+        for _ in range(self.searches):
+            stages += [Stage("search", 0), Stage("steps", self.steps, self.until_converged)]
         for _ in range(self.lm_rounds):
             stages.append(Stage("lm", self.lm_iterations))
             if self.polish_steps:
@@ -171,15 +177,22 @@ def run_schedule(
     stages = schedule.stages()
     while position.stage < len(stages):
         index, stage = position.stage, stages[position.stage]
+        following = index + 1
         if stage.kind == "lm":
             refinement.refine_structure(stage.size)
+        elif stage.kind == "search":
+            if not refinement.search_thickness_again(progress=progress):
+                # the thickness stands: on to the first stage after the searches
+                following = next(
+                    (j for j in range(index, len(stages)) if stages[j].kind == "lm"), len(stages)
+                )
         else:
             done, stopped = _steps(refinement, schedule, checkpointer, position, stage,
                                    progress, stop, on_step)  # fmt: skip
             if stopped:
                 return _stopped(refinement, schedule, checkpointer, Position(index, done))
             refinement.use_best()
-        position = Position(index + 1, 0)
+        position = Position(following, 0)
         checkpointer.write(refinement, schedule, position)
         if stop():  # also after the last stage: the outputs are left to the resumed run
             return Outcome(position, True, checkpointer.last)
