@@ -125,7 +125,10 @@ def run_one(
         refinement = edkit.Refinement(crystal, data, progress=False, **options)
         r_start = float(refinement.report()["r_obs_mean_frame"])
         refinement.fit(max_steps, progress=False)
-        steps, stop = refinement.step_count, refinement.stop_reason
+        steps = refinement.step_count
+        stop = "; ".join(
+            m for m in refinement.messages if m.startswith(("step", "thickness", "least"))
+        )
     else:
         refinement = edkit.refine_in_cycles(
             crystal, data, cycles=cycles, max_steps=max_steps, progress=False, **options

@@ -755,7 +755,7 @@ def test_start_spread_is_the_better_fitting_of_two(template, start, dataset) -> 
     np.testing.assert_allclose(relative, 0.03, rtol=0.02)
 
 
-def test_thickness_search_again_restarts_only_a_wrong_thickness(template) -> None:
+def test_thickness_search_again_restarts_only_a_wrong_thickness(template, tmp_path) -> None:
     """The search from the refined structure leaves a right thickness alone, and gives a
     thickness model that is 40 % off a new start at the searched thickness (the structure and
     every other parameter kept)."""
@@ -773,3 +773,9 @@ def test_thickness_search_again_restarts_only_a_wrong_thickness(template) -> Non
     np.testing.assert_allclose(r.thickness.values, r.initial_thickness, rtol=0.02)
     np.testing.assert_array_equal(r.model.positions[...], nnx.merge(r.graphdef, before).positions)
     np.testing.assert_allclose(r.initial_thickness, template.initial_thickness, rtol=0.1)
+    np.testing.assert_array_equal(r.model.orientation[...], 0.0)
+    assert r.restart_step == r.step_count == 0 and 0 < r.restart_loss < np.inf
+    r.step(2)  # the warm-up counts from the restart; the checkpoint keeps where it was
+    loaded = Refinement.load(r.save(tmp_path / "restarted"))
+    assert (loaded.restart_step, loaded.restart_loss) == (r.restart_step, r.restart_loss)
+    assert_trees_equal(loaded.state, r.state)

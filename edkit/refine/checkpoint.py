@@ -74,6 +74,8 @@ def save(refinement: "Refinement", folder: Path) -> Path:
         "enabled": refinement.enabled,
         "messages": refinement.messages,
         "initial_thickness": [float(t) for t in refinement.initial_thickness],
+        "restart_step": refinement.restart_step,
+        "restart_loss": refinement.restart_loss,
     }
     _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
     arrays: dict[str, Any] = {}
@@ -161,6 +163,9 @@ def restore(
     refinement.best_step = int(config["best_step"])
     refinement.best_loss = float(config["best_loss"])
     refinement.messages = list(config["messages"])
+    # Both new with the thickness search again; older checkpoints never restarted.
+    refinement.restart_step = int(config.get("restart_step", 0))
+    refinement.restart_loss = float(config.get("restart_loss", 0.0))
     try:
         refinement._records = records_from_history(folder / "history.nc")
     except (*_BAD_FILE, TypeError) as error:

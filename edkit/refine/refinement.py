@@ -121,6 +121,9 @@ class Refinement(StructureLeastSquaresMixin):
         self.best_state = params
         self.best_step = 0
         self.best_loss = math.inf
+        #: The step and loss at which the thickness model last started again (research.py):
+        #: warm-up and structure delay count from that step, divergence from that loss.
+        self.restart_step, self.restart_loss = 0, 0.0
         self.messages: list[str] = []
         if len(self.start_spread_losses) > 1:
             losses = self.start_spread_losses
@@ -178,7 +181,8 @@ class Refinement(StructureLeastSquaresMixin):
         rates = {}
         for group in GROUPS:
             begins = delay if group in STRUCTURE_GROUPS else 0
-            taken = self.step_count - begins  # this group's steps before the one now taken
+            # this group's steps before the one now taken (since the last restart)
+            taken = self.step_count - self.restart_step - begins
             if not self.enabled[group] or taken < 0:
                 rates[group] = 0.0
             else:
@@ -207,7 +211,8 @@ class Refinement(StructureLeastSquaresMixin):
         self.seconds += time.perf_counter() - start
         selection_loss = val if self.validation_mask.any() else loss
         if not (finite and math.isfinite(loss) and np.all(np.isfinite(i_calc))) or (
-            math.isfinite(self.best_loss) and loss > self.options.divergence_factor * self.best_loss
+            math.isfinite(self.best_loss)
+            and loss > self.options.divergence_factor * max(self.best_loss, self.restart_loss)
         ):
             return self._diverged(loss, finite)
         record = self._record(loss, val, i_calc)

@@ -9,11 +9,12 @@ truth is known. A search made with the refined structure finds those frames' thi
 
 :func:`search_again` runs the search (Bethe beams, complex64, as the first one) and compares
 each frame's thickness with the refined one. If they agree (at most ``OFF_FRACTION`` of the
-frames more than ``tolerance`` apart) it changes nothing. Otherwise it fits the thickness model
-to the new search, as at the start (and chooses the start spread again), keeps every other
-parameter (structure, scales, orientations) and the optimiser's state, and the Adam steps that
-follow refine on from there; the refinement's best state is still the lowest loss seen, before
-or after. A new start that fits worse than ``divergence_factor`` × the best loss is not taken.
+frames more than ``tolerance`` apart) it changes nothing. Otherwise the refinement starts again
+from the structure it has, as a new one would (the thickness model fitted to the new search
+with its start spread chosen again, the orientation corrections at zero, a new optimiser state,
+the warm-up ramp and the structure delay again), but within the same problem: the best state
+stays the lowest loss seen, before or after, and the divergence guard counts from the loss at
+the new start (``Refinement.restart_loss``), which may lie above the best.
 """
 
 import math
@@ -24,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from edkit.models.thickness import ProfileNet, fit_to_thickness
+from edkit.refine import core
 from edkit.refine.prepare import START_SPREADS, start_spread, training_loss
 from edkit.simulate.frames import thickness_search
 
@@ -70,20 +72,23 @@ def search_again(
         refinement.messages.append(f"{where}; the thickness stands")
         return False
     target = np.where(finite, found, search["thickness_trend"].values)
+    # As a new refinement from the refined structure would start (the thickness model fitted to
+    # the search, the orientation corrections at zero, a new optimiser state, the warm-up and
+    # structure delay again), but with the same problem, so that the best state is still the
+    # lowest loss seen, before or after.
     model = refinement.model
     fit_to_thickness(model.thickness, refinement.features, jnp.asarray(target), finite)
+    model.orientation[...] = jnp.zeros_like(model.orientation[...])
     params, losses = nnx.state(model, nnx.Param), {}
     if isinstance(model.thickness, ProfileNet) and model.thickness.spread:
         spreads = START_SPREADS if opts.thickness_spread is None else (opts.thickness_spread,)
         params, losses = start_spread(model, spreads, refinement.problem)
     loss = min(losses.values()) if losses else training_loss(params, refinement.problem)
-    if not math.isfinite(loss) or loss > opts.divergence_factor * refinement.best_loss:
-        refinement.messages.append(
-            f"{where}; a new start there fits worse (loss {loss:.4g} against the best "
-            f"{refinement.best_loss:.4g}): the thickness stands"
-        )
+    if not math.isfinite(loss):
+        refinement.messages.append(f"{where}; a new start there has a non-finite loss: kept")
         return False
-    refinement.state = params
+    refinement._core_state = core.init(params, refinement.problem)
+    refinement.restart_step, refinement.restart_loss = refinement.step_count, loss
     refinement.thickness_search_result, refinement.initial_thickness = search, target
     median = float(np.median(np.abs(found[off] - refined[off]) / refined[off]))
     refinement.messages.append(
