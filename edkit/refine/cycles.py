@@ -17,11 +17,10 @@ stopped falling, and the refinement with the lowest R is returned.
 
 Each cycle starts afresh from the structure alone: the thickness network, frame scales and
 orientation corrections of the cycle before are not carried over, so a later cycle can end
-above the best one (hence the best is kept). The command line runs one cycle (``edkit refine``);
-cycles are in the Python API only, for now. At thick crystals the profile
-network's 5 % start spread also blurs the fringes that locate the thickness; with a 1 % start
-spread, cycles took the same clean set from ``_02`` and ``_03`` to 0.0011 and 0.0018 Å (see
-the README's paper benchmark).
+above the best one (hence the best is kept). :meth:`Refinement.fit` itself now searches again
+from the refined structure and restarts within one refinement where the thickness is off
+(:mod:`edkit.refine.research`), which recovered the same clean ``_02`` set to 0.0017 Å in one
+``fit()``; cycles stay for whole new refinements (new networks, beams from the new structure).
 """
 
 import math
