@@ -768,7 +768,11 @@ def test_thickness_search_again_restarts_only_a_wrong_thickness(template, tmp_pa
     r.state = nnx.state(model, nnx.Param)
     np.testing.assert_allclose(r.thickness.values, 1.4 * r.initial_thickness, rtol=0.01)
     before = r.state
+    r.best_state = r.state  # as after use_best(): the same object
+    best = leaves(r.best_state)
     assert r.search_thickness_again(progress=False)
+    for a, b in zip(leaves(r.best_state), best, strict=True):
+        np.testing.assert_array_equal(a, b)  # the best state is untouched by the restart
     assert "4 of 4 frame(s)" in r.messages[-1] and "starts again" in r.messages[-1]
     np.testing.assert_allclose(r.thickness.values, r.initial_thickness, rtol=0.02)
     np.testing.assert_array_equal(r.model.positions[...], nnx.merge(r.graphdef, before).positions)

@@ -76,7 +76,9 @@ def search_again(
     # the search, the orientation corrections at zero, a new optimiser state, the warm-up and
     # structure delay again), but with the same problem, so that the best state is still the
     # lowest loss seen, before or after.
-    model = refinement.model
+    # A copy: the model's variables are the current state's, and that state may be the best
+    # state itself (after use_best), which must not change.
+    model = nnx.clone(refinement.model)
     fit_to_thickness(model.thickness, refinement.features, jnp.asarray(target), finite)
     model.orientation[...] = jnp.zeros_like(model.orientation[...])
     params, losses = nnx.state(model, nnx.Param), {}
