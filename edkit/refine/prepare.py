@@ -224,6 +224,15 @@ def start_spread(
     return nnx.state(model, nnx.Param), losses
 
 
+def spread_messages(losses: dict[float, float]) -> list[str]:
+    """The line that says which start spread was chosen and why (none without a choice)."""
+    if len(losses) < 2:
+        return []
+    chosen = min(losses, key=lambda s: losses[s] if math.isfinite(losses[s]) else math.inf)
+    tried = ", ".join(f"{100 * s:g} %: {v:.4g}" for s, v in losses.items())
+    return [f"start thickness spread σ/μ = {100 * chosen:g} % (training loss {tried})"]
+
+
 def training_loss(params: Any, problem: Problem) -> float:
     """The training loss of ``params`` (one streamed forward pass, no gradient)."""
     train, _, _, _ = core.accumulate(problem, params, gradient=False)

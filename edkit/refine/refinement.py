@@ -37,7 +37,7 @@ from edkit.refine.options import (
     parse_memory,
 )
 from edkit.refine.planner import MemoryPlan
-from edkit.refine.prepare import prepare
+from edkit.refine.prepare import prepare, spread_messages
 from edkit.refine.problem import Problem
 from edkit.refine.results import figures, history_dataset
 from edkit.simulate.frames import FrameSetup, frame_comparison
@@ -125,13 +125,7 @@ class Refinement(StructureLeastSquaresMixin):
         #: warm-up and structure delay count from that step, divergence from that loss.
         self.restart_step, self.restart_loss = 0, 0.0
         self.messages: list[str] = []
-        if len(self.start_spread_losses) > 1:
-            losses = self.start_spread_losses
-            chosen = min(losses, key=lambda s: losses[s] if math.isfinite(losses[s]) else math.inf)
-            tried = ", ".join(f"{100 * s:g} %: {v:.4g}" for s, v in losses.items())
-            self.messages.append(
-                f"start thickness spread σ/μ = {100 * chosen:g} % (training loss {tried})"
-            )
+        self.messages += spread_messages(self.start_spread_losses)
         #: The latest :meth:`uncertainties` with "steps" (``step_count`` then); None before.
         self.last_uncertainties: dict[str, np.ndarray] | None = None
         self._records: list[dict[str, Any]] = []
