@@ -86,6 +86,7 @@ class Refinement(StructureLeastSquaresMixin):
     base_learning_rates: dict[str, float]
     enabled: dict[str, bool]
     problem: Problem
+    start_spread_losses: dict[float, float]
     #: Bars for set-up, search and least squares (None: where someone watches; also on load).
     progress: bool | None = None
     #: Each cycle's :meth:`report` when made by :func:`edkit.refine.cycles.refine_in_cycles`.

@@ -81,7 +81,8 @@ def search_again(
     model = nnx.clone(refinement.model)
     fit_to_thickness(model.thickness, refinement.features, jnp.asarray(target), finite)
     model.orientation[...] = jnp.zeros_like(model.orientation[...])
-    params, losses = nnx.state(model, nnx.Param), {}
+    params = nnx.state(model, nnx.Param)
+    losses: dict[float, float] = {}
     if isinstance(model.thickness, ProfileNet) and model.thickness.spread:
         spreads = START_SPREADS if opts.thickness_spread is None else (opts.thickness_spread,)
         params, losses = start_spread(model, spreads, refinement.problem)
