@@ -306,7 +306,7 @@ def test_gradients_match_central_differences(crystal, quartz) -> None:
     assert np.abs(fd_c).max() > 0.1  # the orientation does matter
 
 
-@pytest.mark.parametrize("absorption", [None, 0.05])
+@pytest.mark.parametrize("absorption", [pytest.param(None, marks=pytest.mark.slow), 0.05])  # 15 s
 def test_rematerialisation_leaves_value_and_gradient_unchanged(crystal, quartz, absorption):
     """remat=True (recompute each frame) and remat="eigensystems" (keep only the
     eigendecompositions) change memory and time, never the numbers; with Bethe beams."""

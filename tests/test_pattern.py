@@ -183,7 +183,7 @@ def _fd_check(f, x, step, rtol=1e-5):
 @pytest.mark.parametrize(
     ("name", "axis", "absorption"),
     [
-        ("quartz", [1.0, 0.13, 0.27], None),
+        pytest.param("quartz", [1.0, 0.13, 0.27], None, marks=pytest.mark.slow),  # 25 s
         ("quartz", [1.0, 0.13, 0.27], 0.05),
         pytest.param("pyrite", [1, 1, 1], None, marks=pytest.mark.slow),  # 29 s
     ],

@@ -126,6 +126,7 @@ def _platelet(alpha: np.ndarray) -> np.ndarray:
     return 700.0 / np.cos(np.deg2rad(alpha))
 
 
+@pytest.mark.slow  # 16 s
 def test_a_far_off_start_gives_a_smooth_start_without_outlying_frames(synthetic, data_dir) -> None:
     """``quartz_displaced_03.cif``: its frames' own minima jump between the grid's ends (50 and
     2000 Å on neighbouring frames); the chosen thickness follows its neighbours (every frame

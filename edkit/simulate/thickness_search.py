@@ -278,6 +278,7 @@ def thickness_search(
     outlier_tolerance: float = DEFAULT_OUTLIER_TOLERANCE,
     solve_dtype: Any = None,
     progress: bool | None = None,
+    at: np.ndarray | None = None,
     **setup_options: Any,
 ) -> xr.Dataset:
     """Per-frame thickness: a coarse grid, a fine search from the same eigensystems, and a
@@ -305,6 +306,8 @@ def thickness_search(
         ~1e-5); None keeps complex128.
       progress: a progress bar over the frames with ETA (tqdm: stderr or a notebook widget);
         None: where someone watches (an interactive terminal or a notebook).
+      at: (n_frames,) thicknesses, Å, at which each frame's R is also wanted (e.g. a
+        refinement's): ``r_obs_at`` in the result, from the same eigensystems.
 
     Returns:
       Dataset on ``frame`` (and ``thickness``, the coarse grid): ``r_obs_frame`` (frame,
@@ -312,7 +315,7 @@ def thickness_search(
       scored reflection) and ``r_obs_best``; ``thickness_raw`` and ``r_obs_raw`` (each frame's
       own best minimum), ``thickness_trend`` (the prior's most probable coarse path, Å, every
       frame), ``outlier`` (bool), ``thickness_candidates`` and ``r_obs_candidates`` (frame,
-      candidate: the refined local minima).
+      candidate: the refined local minima); with ``at``, ``thickness_at`` and ``r_obs_at``.
     """
     grid = np.asarray(grid, dtype=float)
     if grid.ndim != 1 or grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid < 0):
@@ -330,6 +333,11 @@ def thickness_search(
     if setup is None:
         setup = build_frame_setup(crystal, dataset, **setup_options)
     n_frames, k = setup.n_frames, int(min(candidates, grid.size))
+    if at is not None:
+        at = np.asarray(at, dtype=float)
+        if at.shape != (n_frames,) or not np.all(np.isfinite(at)) or np.any(at < 0):
+            raise EdkitError(f"at: expected {n_frames} finite thicknesses ≥ 0 Å, got {at!r}")
+    r_at = np.full(n_frames, np.nan)
     i_obs = np.asarray(dataset["I_obs"].values, dtype=float)
     sigma = np.asarray(dataset["sigma"].values, dtype=float)
     scored = setup.scored
@@ -367,6 +375,8 @@ def thickness_search(
 
             coarse = chunk.r_obs(i_obs, sigma, np.asarray(coarse_intensities))
             curves[frames] = coarse
+            if at is not None:
+                r_at[frames] = chunk.r_obs(i_obs, sigma, evaluate(at[frames, None]))[:, 0]
             start = np.stack([_local_minima(row, k) for row in coarse])
             if levels > 0:
                 t_fine, r_fine = _zoom(chunk, evaluate, grid, start, levels, (i_obs, sigma))
@@ -378,8 +388,12 @@ def thickness_search(
             cand_r[frames] = np.take_along_axis(r_fine, order, 1)
             bar.update(len(frames))
         bar.close()
-    return _result(setup, grid, curves, cand_t, cand_r, n_obs, robust, smoothness,
-                   outlier_tolerance)  # fmt: skip
+    result = _result(setup, grid, curves, cand_t, cand_r, n_obs, robust, smoothness,
+                     outlier_tolerance)  # fmt: skip
+    if at is not None:
+        result["thickness_at"] = ("frame", at, {"units": "angstrom", "long_name": "thickness"})
+        result["r_obs_at"] = ("frame", r_at, {"units": "1", "long_name": "per-frame R_obs at it"})
+    return result
 
 
 def _result(
