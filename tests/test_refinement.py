@@ -30,7 +30,7 @@ from flax import nnx
 from edkit import EdkitError, Refinement, read_cif, read_pets, refine_in_cycles
 from edkit.io.pets import select_frames
 from edkit.models.thickness import fit_to_thickness
-from edkit.refine import core, cycles
+from edkit.refine import core, cycles, research
 from edkit.refine.convergence import Convergence
 from edkit.simulate.synthetic import make_dataset, rotation_series
 
@@ -755,10 +755,12 @@ def test_start_spread_is_the_better_fitting_of_two(template, start, dataset) -> 
     np.testing.assert_allclose(relative, 0.03, rtol=0.02)
 
 
-def test_thickness_search_again_restarts_only_a_wrong_thickness(template, tmp_path) -> None:
+def test_thickness_search_again_restarts_only_a_wrong_thickness(
+    template, tmp_path, monkeypatch
+) -> None:
     """The search from the refined structure leaves a right thickness alone, and gives a
     thickness model that is 40 % off a new start at the searched thickness (the structure and
-    every other parameter kept)."""
+    every other parameter kept) when the searched thickness fits better by ``MIN_GAIN``."""
     r = fresh(template)
     assert not r.search_thickness_again(progress=False)
     assert r.messages[-1].endswith("0 of 4 frame(s) more than 10 % from the refined thickness; "
@@ -767,13 +769,19 @@ def test_thickness_search_again_restarts_only_a_wrong_thickness(template, tmp_pa
     fit_to_thickness(model.thickness, r.features, 1.4 * r.initial_thickness)
     r.state = nnx.state(model, nnx.Param)
     np.testing.assert_allclose(r.thickness.values, 1.4 * r.initial_thickness, rtol=0.01)
+    with monkeypatch.context() as patch:  # a gain it cannot reach: the thickness stands
+        patch.setattr(research, "MIN_GAIN", 0.99)
+        assert not r.search_thickness_again(progress=False)
+    assert "4 of 4 frame(s)" in r.messages[-1] and "fits no better" in r.messages[-1]
+    np.testing.assert_allclose(r.thickness.values, 1.4 * r.initial_thickness, rtol=0.01)
     before = r.state
     r.best_state = r.state  # as after use_best(): the same object
     best = leaves(r.best_state)
     assert r.search_thickness_again(progress=False)
     for a, b in zip(leaves(r.best_state), best, strict=True):
         np.testing.assert_array_equal(a, b)  # the best state is untouched by the restart
-    assert "4 of 4 frame(s)" in r.messages[-1] and "starts again" in r.messages[-1]
+    assert "4 of 4 frame(s)" in r.messages[-1] and "fits better" in r.messages[-1]
+    assert "starts again" in r.messages[-1]
     np.testing.assert_allclose(r.thickness.values, r.initial_thickness, rtol=0.02)
     np.testing.assert_array_equal(r.model.positions[...], nnx.merge(r.graphdef, before).positions)
     np.testing.assert_allclose(r.initial_thickness, template.initial_thickness, rtol=0.1)

@@ -170,6 +170,23 @@ def test_an_outlier_frame_stays_on_the_trend_and_is_flagged(quartz, synthetic) -
     assert np.max(np.abs(best[others] / chosen[others] - 1.0)) < 0.05
 
 
+def test_r_at_given_thicknesses_is_that_of_the_full_solve(quartz, synthetic) -> None:
+    """``at``: each frame's R at a thickness of its own (off the grid), from the search's
+    eigensystems, equals a full simulation's there; the chosen thicknesses give back r_obs_best."""
+    dataset = select_frames(synthetic, slice(40, 43))
+    setup = build_frame_setup(quartz, dataset, **BEAMS)
+    at = np.array([512.5, 1333.3, 871.0])
+    result = thickness_search(quartz, dataset, GRID, setup=setup, levels=1, at=at)
+    check = simulate_frames(quartz, dataset, at, setup=setup)
+    np.testing.assert_allclose(result["r_obs_at"].values, check["r_obs_frame"].values, rtol=1e-9)
+    np.testing.assert_array_equal(result["thickness_at"].values, at)
+    again = thickness_search(
+        quartz, dataset, GRID, setup=setup, levels=1, at=result["thickness_best"].values
+    )
+    np.testing.assert_allclose(again["r_obs_at"].values, result["r_obs_best"].values, rtol=1e-12)
+    assert "r_obs_at" not in thickness_search(quartz, dataset, GRID[:4], setup=setup, levels=0)
+
+
 def test_bad_settings_are_refused(quartz, synthetic) -> None:
     dataset = select_frames(synthetic, slice(0, 2))
     for options, match in (
@@ -178,6 +195,8 @@ def test_bad_settings_are_refused(quartz, synthetic) -> None:
         ({"smoothness": 0.0}, "smoothness = 0.0"),
         ({"outlier_tolerance": float("nan")}, "outlier_tolerance = nan"),
         ({"absorption": -1.0}, "absorption = -1.0"),
+        ({"at": np.array([500.0])}, "at: expected 2 finite thicknesses"),
+        ({"at": np.array([500.0, np.nan])}, "at: expected 2 finite thicknesses"),
     ):
         with pytest.raises(EdkitError, match=match):
             thickness_search(quartz, dataset, GRID, **options)
