@@ -318,8 +318,9 @@ def _add_refine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--searches", type=int, default=None, metavar="N",
         help="after the Adam steps, up to N times: the thickness search again from the refined "
-        "structure and, where more than 5 %% of the frames' thickness is over 10 %% off, a new "
-        "start of the thickness model and Adam steps again (default: 2, or 0 with --steps)",
+        "structure and, where more than 5 %% of the frames' thickness is over 10 %% off and the "
+        "searched thickness fits better (mean per-frame R_obs ≥ 5 %% lower), a new start of the "
+        "thickness model and Adam steps again (default: 2, or 0 with --steps)",
     )  # fmt: skip
     parser.add_argument(
         "--lm-rounds", type=int, default=1,
