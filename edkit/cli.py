@@ -144,7 +144,7 @@ def _start(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
         "checkpoint_every": args.checkpoint_every,
     }
     until_converged = args.steps is None
-    searches = args.searches if args.searches is not None else (2 if until_converged else 0)
+    searches = args.searches if args.searches is not None else (3 if until_converged else 0)
     schedule = Schedule(
         args.max_steps if until_converged else args.steps, args.lm_rounds, args.lm_iterations,
         args.polish_steps, until_converged, searches,
@@ -320,7 +320,8 @@ def _add_refine_options(parser: argparse.ArgumentParser) -> None:
         help="after the Adam steps, up to N times: the thickness search again from the refined "
         "structure and, where more than 5 %% of the frames' thickness is over 10 %% off and the "
         "searched thickness fits better (mean per-frame R_obs ≥ 5 %% lower), a new start of the "
-        "thickness model and Adam steps again (default: 2, or 0 with --steps)",
+        "thickness model and Adam steps again; no further search after a new start that found "
+        "no better state (default: 3, or 0 with --steps)",
     )  # fmt: skip
     parser.add_argument(
         "--lm-rounds", type=int, default=1,

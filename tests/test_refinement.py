@@ -755,6 +755,21 @@ def test_start_spread_is_the_better_fitting_of_two(template, start, dataset) -> 
     np.testing.assert_allclose(relative, 0.03, rtol=0.02)
 
 
+def test_no_search_after_a_restart_that_found_nothing_better(template) -> None:
+    """After a new start whose steps never beat the best state from before it, the next
+    search is not made (it would start from the same best structure again)."""
+    r = fresh(template)
+    r.restart_step, r.best_step, r.step_count = 5, 3, 9
+    assert not r.search_thickness_again(progress=False)
+    assert r.messages[-1] == (
+        "thickness search from the refined structure (step 9): not made; the new start at "
+        "step 5 found no better state (the best is still step 3's)"
+    )
+    r.best_step = 6  # the new start paid: the search is made (and finds the thickness right)
+    assert not r.search_thickness_again(progress=False)
+    assert r.messages[-1].endswith("the thickness stands")
+
+
 def test_thickness_search_again_restarts_only_a_wrong_thickness(
     template, tmp_path, monkeypatch
 ) -> None:

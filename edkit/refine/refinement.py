@@ -318,7 +318,7 @@ class Refinement(StructureLeastSquaresMixin):
         *,
         progress: bool = True,
         convergence: Convergence | None = None,
-        searches: int = 2,
+        searches: int = 3,
     ) -> "Refinement":
         """The default recipe (what ``edkit refine`` runs without flags): Adam steps until
         converged (at most ``max_steps``; the warm-up options apply) and the best state; then up
