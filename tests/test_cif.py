@@ -233,6 +233,17 @@ def test_error_non_numeric_cell(tmp_path: Path) -> None:
     _raises(path, r":6: _cell_angle_beta = '190' is out of range; expected an angle")
 
 
+def test_error_impossible_cell(tmp_path: Path) -> None:
+    """An overflowing edge (found by tests/test_properties.py: 1e308 divided by zero deep in
+    the metric) and angles that make no cell are refused with the file and the tags."""
+    path = _write(tmp_path, MINIMAL.replace("_cell_length_a 5.0", "_cell_length_a 1e308"))
+    _raises(path, r":2: _cell_length_a = '1e308' is out of range; expected a length .* 10000 Å")
+    text = MINIMAL
+    for tag in ("alpha", "beta", "gamma"):
+        text = re.sub(rf"_cell_angle_{tag} \S+", f"_cell_angle_{tag} 170", text)
+    _raises(_write(tmp_path, text), r": the cell angles 170°, 170°, 170° .* no cell of positive")
+
+
 def test_error_non_numeric_coordinate(tmp_path: Path) -> None:
     path = _write(tmp_path, MINIMAL.replace("O1 O 0.4", "O1 O 0.1.2"))
     _raises(path, r":17: _atom_site_fract_x = '0.1.2' \(atom O1\) is not a number")

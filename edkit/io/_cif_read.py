@@ -30,6 +30,11 @@ EIGHT_PI2 = 8.0 * math.pi**2  # B = 8π² U
 TWO_PI2 = 2.0 * math.pi**2  # β_ij = 2π² U*_ij
 
 
+#: The longest cell edge read, Å: far beyond any crystal a 3D-ED experiment measures (the
+#: largest are protein and virus cells of a few hundred Å), short of float overflow in the metric.
+MAX_CELL_LENGTH = 1.0e4
+
+
 def _read_cell(src: Source) -> tuple[float, float, float, float, float, float]:
     values = []
     for k, tag in enumerate(CELL_TAGS):
@@ -38,11 +43,19 @@ def _read_cell(src: Source) -> tuple[float, float, float, float, float, float]:
         if field is None:
             raise EdkitError(f"{src.path}: {tag} is missing; expected {what}")
         v = src.number(field, 0, what)
-        ok = v > 0 if k < 3 else 0 < v < 180
+        ok = 0 < v <= MAX_CELL_LENGTH if k < 3 else 0 < v < 180
         if not ok:
-            raise src.value_error(field, 0, f"is out of range; expected {what}")
+            limit = f" up to {MAX_CELL_LENGTH:g} Å" if k < 3 else ""
+            raise src.value_error(field, 0, f"is out of range; expected {what}{limit}")
         values.append(v)
     a, b, c, al, be, ga = values
+    cos = np.cos(np.deg2rad([al, be, ga]))
+    # (V / abc)²: the three angles must make a cell of positive volume (e.g. not 170° each).
+    if 1 - np.sum(cos**2) + 2 * np.prod(cos) <= 1e-9:
+        raise EdkitError(
+            f"{src.path}: the cell angles {al:g}°, {be:g}°, {ga:g}° "
+            f"({', '.join(CELL_TAGS[3:])}) make no cell of positive volume"
+        )
     return (a, b, c, al, be, ga)
 
 

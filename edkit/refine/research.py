@@ -40,7 +40,7 @@ from flax import nnx
 
 from edkit.models.thickness import ProfileNet, fit_to_thickness
 from edkit.refine import core
-from edkit.refine.prepare import START_SPREADS, start_spread, training_loss
+from edkit.refine.prepare import START_SPREADS, spread_messages, start_spread, training_loss
 from edkit.simulate.frames import thickness_search
 
 if TYPE_CHECKING:
@@ -132,6 +132,7 @@ def search_again(
     refinement.restart_step, refinement.restart_loss = refinement.step_count, loss
     refinement.thickness_search_result, refinement.initial_thickness = search, target
     median = float(np.median(np.abs(found[off] - refined[off]) / refined[off]))
+    refinement.messages += spread_messages(losses)  # the new start's spread, before the restart
     refinement.messages.append(
         f"{where} (median {100 * median:.0f} %), and it fits better (mean per-frame R_obs "
         f"{100 * r_found:.2f} % there, {100 * r_refined:.2f} % at the refined thickness); the "
