@@ -6,6 +6,7 @@ unpickle (a scan of the package source).
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,15 +70,23 @@ def cif_text(data_dir) -> str:
     return (data_dir / "structures" / "quartz.cif").read_text()
 
 
+def _read_mutated(text: str, name: str, reader: Any, tmp_path: Path, data: st.DataObject) -> Any:
+    """``reader`` on a mutation of ``text`` written to ``name``: its result, or None after an
+    ``EdkitError`` that names the file (any other exception fails the test)."""
+    path = tmp_path / name
+    path.write_text(_mutate(text, data), encoding="utf-8")
+    try:
+        return reader(path)
+    except EdkitError as error:
+        assert name in str(error)
+        return None
+
+
 @FUZZ
 @given(data=st.data())
 def test_a_mutated_pets_file_reads_or_fails_cleanly(pets_text, tmp_path, data) -> None:
-    path = tmp_path / "mutated.cif_pets"
-    path.write_text(_mutate(pets_text, data), encoding="utf-8")
-    try:
-        dataset = read_pets(path)
-    except EdkitError as error:
-        assert "mutated.cif_pets" in str(error)  # the message names the file
+    dataset = _read_mutated(pets_text, "mutated.cif_pets", read_pets, tmp_path, data)
+    if dataset is None:
         return
     i_obs, sigma = dataset["I_obs"].values, dataset["sigma"].values
     assert np.all(np.isfinite(i_obs)) and np.all(np.isfinite(sigma)) and np.all(sigma >= 0)
@@ -88,12 +97,8 @@ def test_a_mutated_pets_file_reads_or_fails_cleanly(pets_text, tmp_path, data) -
 @FUZZ
 @given(data=st.data())
 def test_a_mutated_cif_reads_or_fails_cleanly(cif_text, tmp_path, data) -> None:
-    path = tmp_path / "mutated.cif"
-    path.write_text(_mutate(cif_text, data), encoding="utf-8")
-    try:
-        crystal = read_cif(path)
-    except EdkitError as error:
-        assert "mutated.cif" in str(error)
+    crystal = _read_mutated(cif_text, "mutated.cif", read_cif, tmp_path, data)
+    if crystal is None:
         return
     assert np.all(np.isfinite(np.asarray(crystal.fract)))
     assert np.all(np.isfinite(np.asarray(crystal.u_iso_equivalent)))
