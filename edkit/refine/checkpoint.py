@@ -76,6 +76,7 @@ def save(refinement: "Refinement", folder: Path) -> Path:
         "initial_thickness": [float(t) for t in refinement.initial_thickness],
         "restart_step": refinement.restart_step,
         "restart_loss": refinement.restart_loss,
+        "warmup_step": refinement.warmup_step,
     }
     _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
     arrays: dict[str, Any] = {}
@@ -166,6 +167,7 @@ def restore(
     # Both new with the thickness search again; older checkpoints never restarted.
     refinement.restart_step = int(config.get("restart_step", 0))
     refinement.restart_loss = float(config.get("restart_loss", 0.0))
+    refinement.warmup_step = int(config.get("warmup_step", 0))  # new with LM's fresh moments
     try:
         refinement._records = records_from_history(folder / "history.nc")
     except (*_BAD_FILE, TypeError) as error:

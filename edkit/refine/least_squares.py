@@ -14,7 +14,7 @@ import numpy as np
 from edkit.crystal import adp_matrix
 from edkit.io.cif import write_cif
 from edkit.precision import x64
-from edkit.refine import lm, results
+from edkit.refine import core, lm, results
 
 
 class StructureLeastSquaresMixin:
@@ -79,6 +79,10 @@ class StructureLeastSquaresMixin:
             self.step_count,
         )
         self.step_count += 1
+        # Adam goes on from here with new moments and its warm-up ramp: its old moments point
+        # where the parameters were before LM moved them (a step from them diverged).
+        self._core_state = core.init(result.params, self.problem)
+        self.warmup_step = self.step_count
         self.stop_reason = f"least squares: {result.reason}"
         self.messages.append(
             f"step {record['step']}: Levenberg–Marquardt, {len(wr_history)} iteration(s), "

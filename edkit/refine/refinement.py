@@ -26,7 +26,7 @@ from edkit.models.hybrid import HybridModel
 from edkit.models.parameters import StructureMapping
 from edkit.models.thickness import FrameFeatures
 from edkit.precision import x64
-from edkit.refine import checkpoint, core, lm, research, results
+from edkit.refine import checkpoint, core, lm, research
 from edkit.refine.convergence import MAX_STEPS, Convergence
 from edkit.refine.least_squares import StructureLeastSquaresMixin
 from edkit.refine.options import (
@@ -39,11 +39,12 @@ from edkit.refine.options import (
 from edkit.refine.planner import MemoryPlan
 from edkit.refine.prepare import prepare, spread_messages
 from edkit.refine.problem import Problem
-from edkit.refine.results import figures, history_dataset
-from edkit.simulate.frames import FrameSetup, frame_comparison
+from edkit.refine.results import figures
+from edkit.refine.views import RefinementViews
+from edkit.simulate.frames import FrameSetup
 
 
-class Refinement(StructureLeastSquaresMixin):
+class Refinement(StructureLeastSquaresMixin, RefinementViews):
     """A 3D-ED dynamical refinement with a hybrid physics + network model.
 
     Example::
@@ -125,6 +126,9 @@ class Refinement(StructureLeastSquaresMixin):
         #: The step and loss at which the thickness model last started again (research.py):
         #: warm-up and structure delay count from that step, divergence from that loss.
         self.restart_step, self.restart_loss = 0, 0.0
+        #: The step after the last Levenberg–Marquardt round: Adam starts again there with new
+        #: moments and the warm-up ramp (the old moments belong to parameters LM has moved).
+        self.warmup_step = 0
         self.messages: list[str] = []
         self.messages += spread_messages(self.start_spread_losses)
         #: The latest :meth:`uncertainties` with "steps" (``step_count`` then); None before.
@@ -178,10 +182,11 @@ class Refinement(StructureLeastSquaresMixin):
             begins = delay if group in STRUCTURE_GROUPS else 0
             # this group's steps before the one now taken (since the last restart)
             taken = self.step_count - self.restart_step - begins
+            ramped = min(taken, self.step_count - self.warmup_step)
             if not self.enabled[group] or taken < 0:
                 rates[group] = 0.0
             else:
-                ramp = min(1.0, (taken + 1) / warmup) if warmup > 0 else 1.0
+                ramp = min(1.0, (ramped + 1) / warmup) if warmup > 0 else 1.0
                 rates[group] = self.base_learning_rates[group] * ramp
         return rates
 
@@ -367,87 +372,6 @@ class Refinement(StructureLeastSquaresMixin):
     def use_best(self) -> None:
         """Make the best state (lowest loss seen, or validation loss) the current one."""
         self.state = self.best_state
-
-    @property
-    def history(self) -> xr.Dataset:
-        """Per-step figures and parameters as an xarray Dataset over ``step``."""
-        return history_dataset(
-            self._records,
-            tuple(self.mapping.labels),
-            self.setup.frame,
-            {
-                "objective": self.options.objective,
-                "r_convention": "r_obs, wr_*: Jana2020 on |F| over scored reflections; "
-                "r_obs_mean_frame: diffBloch mean of per-frame R_obs",
-                "best_step": self.best_step,
-                "messages": "\n".join(self.messages),
-            },
-        )
-
-    @property
-    @x64
-    def crystal(self) -> Crystal:
-        """The refined crystal (current state)."""
-        model = self.model
-        with jax.enable_x64(True):
-            return self.mapping.crystal(
-                self.start_crystal, model.positions[...], model.adp[...], model.occupancy[...]
-            )
-
-    @property
-    @x64
-    def thickness(self) -> xr.DataArray:
-        """Mean thickness per frame (Å), with the spread and the grid-search values as coords."""
-        with jax.enable_x64(True):
-            values, weights = map(np.asarray, self.model.thickness(self.features))
-        return results.thickness_array(
-            values, weights, self.setup.frame, np.asarray(self.features.alpha),
-            self.initial_thickness, self.options.thickness,
-        )  # fmt: skip
-
-    @x64
-    def thickness_map(self, resolution: int = 32) -> xr.DataArray | None:
-        """The learned thickness map h(x, y) (Å) for the "map-net" model, else None."""
-        thickness = self.model.thickness
-        if not hasattr(thickness, "thickness_map"):
-            return None
-        with jax.enable_x64(True):
-            x, y, h = thickness.thickness_map(resolution)
-        return results.thickness_map_array(x, y, h)
-
-    @x64
-    def predict(self) -> np.ndarray:
-        """I_calc (unscaled) of every reflection for the current state, (n_refl,); streamed."""
-        return core.predict(self.state, self.problem)
-
-    @x64
-    def simulated(self) -> xr.Dataset:
-        """Observed vs calculated intensities of the current state (``frame_comparison``)."""
-        i_calc = self.predict()
-        with jax.enable_x64(True):
-            values, weights = self.model.thickness(self.features)
-        result = frame_comparison(
-            self.setup, self.dataset, i_calc, np.asarray(values), np.asarray(weights)
-        )
-        for name in ("I_obs", "sigma", "h", "k", "l", "frame_id"):
-            result[name] = self.dataset[name]
-        return result
-
-    @x64
-    def report(self) -> dict[str, Any]:
-        """Figures of merit of the current state (fractions, not %), with their conventions."""
-        # Jana's GoF: sqrt(Σw(ΔF)²/(N_obs − N_par)) with the refined structural parameters.
-        return {
-            **self._figures(self.predict(), n_params=self.n_parameters),
-            "n_frames": self.setup.n_frames,
-            "n_parameters": self.n_parameters,
-            "steps": self.step_count,
-            "seconds": round(self.seconds, 3),
-            "thickness": [float(t) for t in self.thickness.values],
-            "memory_plan": self.memory_plan.describe(),
-            "conventions": "r_obs, r_all, wr_obs, wr_all, gof: Jana2020 on |F| (I > 3σ for obs) "
-            "over Klar-scored reflections; r_obs_mean_frame: diffBloch mean per-frame R_obs",
-        }
 
     # ------------------------------------------------------------------------------ checkpoints
     @x64

@@ -1,0 +1,100 @@
+"""What a :class:`~edkit.refine.refinement.Refinement` shows of its current state: the
+history, the refined crystal, the thickness (per frame and as a map), the predicted intensities,
+observed against calculated, and the figures of merit. Read-only views; nothing here steps."""
+
+from typing import Any
+
+import jax
+import numpy as np
+import xarray as xr
+
+from edkit.crystal import Crystal
+from edkit.precision import x64
+from edkit.refine import core, results
+from edkit.refine.results import history_dataset
+from edkit.simulate.frames import frame_comparison
+
+
+class RefinementViews:
+    """Mixed into ``Refinement``: its views of the current state (see the module docstring)."""
+
+    @property
+    def history(self: Any) -> xr.Dataset:
+        """Per-step figures and parameters as an xarray Dataset over ``step``."""
+        return history_dataset(
+            self._records,
+            tuple(self.mapping.labels),
+            self.setup.frame,
+            {
+                "objective": self.options.objective,
+                "r_convention": "r_obs, wr_*: Jana2020 on |F| over scored reflections; "
+                "r_obs_mean_frame: diffBloch mean of per-frame R_obs",
+                "best_step": self.best_step,
+                "messages": "\n".join(self.messages),
+            },
+        )
+
+    @property
+    @x64
+    def crystal(self: Any) -> Crystal:
+        """The refined crystal (current state)."""
+        model = self.model
+        with jax.enable_x64(True):
+            return self.mapping.crystal(
+                self.start_crystal, model.positions[...], model.adp[...], model.occupancy[...]
+            )
+
+    @property
+    @x64
+    def thickness(self: Any) -> xr.DataArray:
+        """Mean thickness per frame (Å), with the spread and the grid-search values as coords."""
+        with jax.enable_x64(True):
+            values, weights = map(np.asarray, self.model.thickness(self.features))
+        return results.thickness_array(
+            values, weights, self.setup.frame, np.asarray(self.features.alpha),
+            self.initial_thickness, self.options.thickness,
+        )  # fmt: skip
+
+    @x64
+    def thickness_map(self: Any, resolution: int = 32) -> xr.DataArray | None:
+        """The learned thickness map h(x, y) (Å) for the "map-net" model, else None."""
+        thickness = self.model.thickness
+        if not hasattr(thickness, "thickness_map"):
+            return None
+        with jax.enable_x64(True):
+            x, y, h = thickness.thickness_map(resolution)
+        return results.thickness_map_array(x, y, h)
+
+    @x64
+    def predict(self: Any) -> np.ndarray:
+        """I_calc (unscaled) of every reflection for the current state, (n_refl,); streamed."""
+        return core.predict(self.state, self.problem)
+
+    @x64
+    def simulated(self: Any) -> xr.Dataset:
+        """Observed vs calculated intensities of the current state (``frame_comparison``)."""
+        i_calc = self.predict()
+        with jax.enable_x64(True):
+            values, weights = self.model.thickness(self.features)
+        result = frame_comparison(
+            self.setup, self.dataset, i_calc, np.asarray(values), np.asarray(weights)
+        )
+        for name in ("I_obs", "sigma", "h", "k", "l", "frame_id"):
+            result[name] = self.dataset[name]
+        return result
+
+    @x64
+    def report(self: Any) -> dict[str, Any]:
+        """Figures of merit of the current state (fractions, not %), with their conventions."""
+        # Jana's GoF: sqrt(Σw(ΔF)²/(N_obs − N_par)) with the refined structural parameters.
+        return {
+            **self._figures(self.predict(), n_params=self.n_parameters),
+            "n_frames": self.setup.n_frames,
+            "n_parameters": self.n_parameters,
+            "steps": self.step_count,
+            "seconds": round(self.seconds, 3),
+            "thickness": [float(t) for t in self.thickness.values],
+            "memory_plan": self.memory_plan.describe(),
+            "conventions": "r_obs, r_all, wr_obs, wr_all, gof: Jana2020 on |F| (I > 3σ for obs) "
+            "over Klar-scored reflections; r_obs_mean_frame: diffBloch mean per-frame R_obs",
+        }
