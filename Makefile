@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test test-slow test-benchmarks test-notebooks test-binder test-browser lint bench clean
 
 # Seconds one notebook cell may run in test-notebooks / test-binder.
-NB_CELL_TIMEOUT ?= 300
+NB_CELL_TIMEOUT ?= 600
 
 $(STAMP): pyproject.toml scripts/find-python.sh
 	@PYTHON=$$(scripts/find-python.sh) || exit 1; \
@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check edkit tests benchmarks
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy edkit
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow --durations=10

@@ -19,6 +19,7 @@ from typing import Any
 
 from edkit.errors import EdkitError
 from edkit.examples import example_file
+from edkit.io.atomic import write_atomically
 from edkit.refine import checkpoint
 from edkit.refine.convergence import MAX_STEPS, Convergence
 from edkit.refine.lm import SHIFT_TOLERANCE
@@ -95,11 +96,15 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     report["data"] = run.get("data")
     if args.resume is not None:
         report["resumed_from"] = str(args.resume_folder)
-    (out / "report.json").write_text(json.dumps(_finite_or_none(report), indent=1))
-    history = refinement.history
-    simulated = refinement.simulated()
-    history.to_netcdf(out / "refinement.nc", engine="h5netcdf", group="history")
-    simulated.to_netcdf(out / "refinement.nc", engine="h5netcdf", group="simulated", mode="a")
+    text = json.dumps(_finite_or_none(report), indent=1)
+    write_atomically(out / "report.json", lambda path: path.write_text(text))
+    history, simulated = refinement.history, refinement.simulated()
+
+    def write_results(path: Path) -> None:
+        history.to_netcdf(path, engine="h5netcdf", group="history")
+        simulated.to_netcdf(path, engine="h5netcdf", group="simulated", mode="a")
+
+    write_atomically(out / "refinement.nc", write_results)
     return report, out
 
 

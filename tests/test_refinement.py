@@ -16,20 +16,24 @@ conftest.py turns x64 on; pyproject turns warnings into errors.
 
 import copy
 import dataclasses
+import errno
 import gc
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+import xarray as xr
 from conftest import inject_nan_loss, twenty_steps_trace_once
 from flax import nnx
 
 from edkit import EdkitError, Refinement, read_cif, read_pets, refine_in_cycles
 from edkit.io.pets import select_frames
 from edkit.models.thickness import fit_to_thickness
+from edkit.refine import checkpoint as checkpoints
 from edkit.refine import core, cycles, research
 from edkit.refine.convergence import Convergence
 from edkit.simulate.synthetic import make_dataset, rotation_series
@@ -297,6 +301,7 @@ def test_wrong_checkpoint_version(checkpoint, tmp_path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["version"] = 99
     (folder / "config.json").write_text(json.dumps(config))
+    (folder / checkpoints.CHECKSUMS).unlink()  # else the changed file is named first
     with pytest.raises(EdkitError, match="version 99") as error:
         Refinement.load(folder)
     assert str(folder / "config.json") in str(error.value)
@@ -308,8 +313,24 @@ def test_missing_checkpoint(tmp_path) -> None:
     assert str(tmp_path / "nothing") in str(error.value)
 
 
+@pytest.mark.parametrize("name", ["config.json", "state.npz", "data.nc"])
+def test_checkpoint_changed_after_it_was_written(checkpoint, tmp_path, name) -> None:
+    """One byte changed in any file: the checksums written last name the file."""
+    folder = _copy_checkpoint(checkpoint, tmp_path)
+    raw = bytearray((folder / name).read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (folder / name).write_bytes(bytes(raw))
+    with pytest.raises(EdkitError, match="SHA-256") as error:
+        Refinement.load(folder)
+    assert str(folder / name) in str(error.value) and "corrupted checkpoint" in str(error.value)
+    (folder / checkpoints.CHECKSUMS).write_text("{not json")
+    with pytest.raises(EdkitError, match=r"checksums\.json: corrupted checkpoint"):
+        Refinement.load(folder)
+
+
 def test_checkpoint_with_a_wrong_shape(checkpoint, tmp_path) -> None:
     folder = _copy_checkpoint(checkpoint, tmp_path)
+    (folder / checkpoints.CHECKSUMS).unlink()  # as written before checksums: the reader's checks
     with np.load(folder / "state.npz") as stored:
         arrays = dict(stored)
     arrays["state_0"] = np.zeros(7)
@@ -339,6 +360,7 @@ def _load_error(folder) -> Exception:
 @pytest.mark.parametrize("keep", [0.5, 0.0])
 def test_truncated_checkpoint(checkpoint, tmp_path, keep) -> None:
     folder = _copy_checkpoint(checkpoint, tmp_path)
+    (folder / checkpoints.CHECKSUMS).unlink()  # the reader's own checks (the sum's: above)
     raw = (folder / "state.npz").read_bytes()
     (folder / "state.npz").write_bytes(raw[: int(keep * len(raw))])
     error = _load_error(folder)
@@ -545,6 +567,28 @@ def test_adam_starts_again_after_least_squares(template, tmp_path) -> None:
     r.step(1)
     assert r.step_count == 5 and not any("diverged" in m for m in r.messages)
     assert Refinement.load(r.save(tmp_path / "lm")).warmup_step == 4
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one(
+    template, tmp_path, monkeypatch
+) -> None:
+    """The disk fills up while the next checkpoint of a series is written: an EdkitError names
+    the file, the previous checkpoint stands and no partial folder is left."""
+    r = fresh(template)
+    r.step(1)
+    first = checkpoints.write_series(r, tmp_path, {"step": 1})
+    r.step(1)
+
+    def full_disk(dataset, path, *args, **kwargs) -> None:
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", full_disk)
+    with pytest.raises(EdkitError, match=r"data\.nc: could not be written \(No space left"):
+        checkpoints.write_series(r, tmp_path, {"step": 2})
+    assert checkpoints.series(tmp_path) == [first]
+    assert [p.name for p in (tmp_path / checkpoints.SERIES).iterdir()] == [first.name]
+    assert json.loads((first / checkpoints.RUN_FILE).read_text()) == {"step": 1}
 
 
 def test_rejected_levenberg_marquardt_trials_leave_the_state_alone(refined, monkeypatch) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from edkit.crystal import ADP_INDICES, Crystal
 from edkit.errors import EdkitError
 from edkit.io._cif_source import CELL_TAGS
+from edkit.io.atomic import write_atomically
 from edkit.version import __version__
 
 
@@ -238,4 +239,4 @@ def write_cif(
             else:
                 out.append(f"{key:<32} {text}")
     out.append("")
-    Path(path_str).write_text("\n".join(out), encoding="utf-8")
+    write_atomically(path_str, lambda p: p.write_text("\n".join(out), encoding="utf-8"))

@@ -2,7 +2,6 @@
 
 import math
 from os import PathLike
-from pathlib import Path
 
 import numpy as np
 import xarray as xr
@@ -24,6 +23,7 @@ from edkit.io._pets_format import (
     ZONE_COLUMNS,
     extra_items,
 )
+from edkit.io.atomic import write_atomically
 
 
 def _split_extra(extra: str) -> tuple[list[str], list[str]]:
@@ -185,4 +185,4 @@ def write_pets(dataset: xr.Dataset, path: str | PathLike[str]) -> None:
     ]
     out.extend(["", "loop_", *(tag for tag, _, _ in REFL_COLUMNS)])
     out.extend(_columns_text(refl_columns))
-    Path(path).write_text("\n".join(out) + "\n", encoding="utf-8")
+    write_atomically(path, lambda p: p.write_text("\n".join(out) + "\n", encoding="utf-8"))

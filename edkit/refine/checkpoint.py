@@ -3,7 +3,9 @@
 Files: ``start.cif`` (readable) and ``start.npz`` (the exact starting arrays), ``data.nc``,
 ``config.json`` (format version, options, counters, learning rates), ``state.npz`` (every leaf
 of the parameters, the optimiser state and the best parameters; no pickle) and ``history.nc``.
-Each file is written to a temporary name and renamed, so a checkpoint is never half-written.
+Each file is written to a temporary name and renamed, so a checkpoint is never half-written;
+``checksums.json``, written last, holds every file's SHA-256, and loading checks them (a file
+changed or damaged since is named).
 
 A *series* of checkpoints (what ``edkit refine`` writes into ``OUT/checkpoints/``) adds
 ``run.json`` (the command line's schedule and position) and is atomic as a whole: each one is
@@ -12,6 +14,7 @@ written into a hidden ``.NAME.partial`` folder, flushed to disk and renamed to
 the previous checkpoint intact; the newest :data:`KEEP` are kept.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -27,6 +30,7 @@ import xarray as xr
 
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
+from edkit.io.atomic import write_atomically
 from edkit.io.cif import read_cif, write_cif
 from edkit.refine.options import RefinementOptions, options_from, options_json
 from edkit.refine.results import records_from_history
@@ -37,6 +41,9 @@ if TYPE_CHECKING:
 #: Version 2: the streamed core's optimiser state (apply_if_finite, per-group schedules).
 CHECKPOINT_VERSION = 2
 _BAD_FILE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+#: The SHA-256 of every file of a checkpoint, written after them.
+CHECKSUMS = "checksums.json"
+_HASHED = ("start.cif", "start.npz", "data.nc", "config.json", "state.npz", "history.nc")
 #: What ``config.json`` must hold besides the version.
 _CONFIG_KEYS = (
     "options", "step_count", "seconds", "best_step", "best_loss", "base_learning_rates",
@@ -44,25 +51,21 @@ _CONFIG_KEYS = (
 )  # fmt: skip
 
 
-def _atomic(path: Path, write) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    write(temporary)
-    os.replace(temporary, path)
-
-
 def save(refinement: "Refinement", folder: Path) -> Path:
     """Write ``refinement`` into ``folder`` (see the module docstring)."""
     folder.mkdir(parents=True, exist_ok=True)
     start = refinement.start_crystal
-    _atomic(folder / "start.cif", lambda p: write_cif(start, p))
+    write_atomically(folder / "start.cif", lambda p: write_cif(start, p))
 
     def start_arrays(p: Path) -> None:
         with open(p, "wb") as handle:
             np.savez(handle, fract=np.asarray(start.fract), u_cif=np.asarray(start.u_cif),
                      occupancy=np.asarray(start.occupancy))  # fmt: skip
 
-    _atomic(folder / "start.npz", start_arrays)
-    _atomic(folder / "data.nc", lambda p: refinement.dataset.to_netcdf(p, engine="h5netcdf"))
+    write_atomically(folder / "start.npz", start_arrays)
+    write_atomically(
+        folder / "data.nc", lambda p: refinement.dataset.to_netcdf(p, engine="h5netcdf")
+    )
     config: dict[str, Any] = {
         "version": CHECKPOINT_VERSION,
         "options": options_json(refinement.options),
@@ -78,7 +81,7 @@ def save(refinement: "Refinement", folder: Path) -> Path:
         "restart_loss": refinement.restart_loss,
         "warmup_step": refinement.warmup_step,
     }
-    _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
+    write_atomically(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
     arrays: dict[str, Any] = {}
     trees = (
         ("state", refinement.state),
@@ -93,11 +96,43 @@ def save(refinement: "Refinement", folder: Path) -> Path:
         with open(p, "wb") as handle:
             np.savez(handle, **arrays)
 
-    _atomic(folder / "state.npz", state_arrays)
+    write_atomically(folder / "state.npz", state_arrays)
     if refinement._records:
         history = refinement.history
-        _atomic(folder / "history.nc", lambda p: history.to_netcdf(p, engine="h5netcdf"))
+        write_atomically(folder / "history.nc", lambda p: history.to_netcdf(p, engine="h5netcdf"))
+    # Last: a checkpoint whose checksums are there is complete, and each file is as written.
+    sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.name in _HASHED}
+    write_atomically(folder / CHECKSUMS, lambda p: p.write_text(json.dumps(sums, indent=1)))
     return folder
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(folder: Path) -> None:
+    """Check every file against ``checksums.json`` (absent in checkpoints written before it)."""
+    path = folder / CHECKSUMS
+    if not path.exists():
+        return
+    try:
+        sums = json.loads(path.read_text())
+        for name, expected in sums.items():
+            if name not in _HASHED:
+                raise ValueError(f"unexpected entry {name!r}")
+            if _sha256(folder / name) != expected:
+                raise EdkitError(
+                    f"{folder / name}: corrupted checkpoint (its SHA-256 is not the one in "
+                    f"{CHECKSUMS}: changed or damaged after it was written)"
+                )
+    except (OSError, ValueError, AttributeError) as error:
+        if isinstance(error, EdkitError):
+            raise
+        raise EdkitError(f"{path}: corrupted checkpoint ({error})") from None
 
 
 def read(
@@ -105,6 +140,7 @@ def read(
 ) -> tuple[Crystal, xr.Dataset, RefinementOptions, dict[str, Any], dict[str, np.ndarray]]:
     """The start, data, options, config and state arrays of a checkpoint (EdkitError if not one,
     of another version, or corrupted)."""
+    _verify(folder)
     try:
         text = (folder / "config.json").read_text()
     except OSError as error:
@@ -227,8 +263,12 @@ def write_series(refinement: "Refinement", out: Path, run: dict[str, Any]) -> Pa
     number = _number(existing[-1]) + 1 if existing else 1
     name = f"{number:04d}-step{refinement.step_count:06d}"
     partial = folder / f".{name}.partial"
-    save(refinement, partial)
-    _atomic(partial / RUN_FILE, lambda p: p.write_text(json.dumps(run, indent=1)))
+    try:
+        save(refinement, partial)
+        write_atomically(partial / RUN_FILE, lambda p: p.write_text(json.dumps(run, indent=1)))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing partial left; the last one stands
+        raise
     # Flushed before the rename: after a power cut too the renamed folder holds whole files.
     for path in partial.iterdir():
         _fsync(path)

@@ -106,6 +106,29 @@ def prepare(
         return _prepare(crystal, dataset, opts, initial_thickness, bar, progress)
 
 
+def check_observations(dataset: xr.Dataset) -> None:
+    """Refuse observations a refinement cannot use: a non-finite I_obs or σ, or a negative σ
+    (a dataset changed in Python after reading; the PETS reader refuses them in files).
+
+    Raises:
+      EdkitError: names the source, the field, the first bad reflection (index, hkl, frame)
+        and how many are bad.
+    """
+    source = dataset.attrs.get("source_file", "the dataset")
+    for name in ("I_obs", "sigma"):
+        values = np.asarray(dataset[name].values, dtype=np.float64)
+        bad = ~np.isfinite(values) | ((values < 0) if name == "sigma" else False)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            hkl = " ".join(str(int(dataset[c].values[i])) for c in ("h", "k", "l"))
+            raise EdkitError(
+                f"{source}: {name} of reflection {i} (hkl {hkl}, frame "
+                f"{int(dataset['frame_id'].values[i])}) is {values[i]!r}; {int(bad.sum())} "
+                f"reflection(s) have a {name} that is "
+                + ("not finite or negative" if name == "sigma" else "not finite")
+            )
+
+
 def _prepare(
     crystal: Crystal,
     dataset: xr.Dataset,
@@ -118,6 +141,7 @@ def _prepare(
         bar.update()
         bar.set_description(f"preparing: {next_step}")
 
+    check_observations(dataset)
     setup = build_frame_setup(
         crystal, dataset, g_max=opts.g_max, sg_max=opts.sg_max, n_sub=opts.n_sub,
         sg_weak=opts.sg_weak, bethe_terms=opts.bethe_terms,
