@@ -19,6 +19,7 @@ import dataclasses
 import errno
 import gc
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -403,6 +404,31 @@ def test_non_finite_loss_returns_to_the_best_state(template, monkeypatch) -> Non
         record = r.step(2)
     assert record["diverged"] == 1.0
     _check_recovered(r, template, halved=0.5 * template.base_learning_rates["positions"])
+
+
+def test_a_nan_parameter_mid_run_returns_to_the_best_state(template) -> None:
+    """A real fault, not a mocked loss: after two steps the positions become NaN (a bit flip, a
+    bad callback). The next step is refused, the best state comes back, the history's messages
+    say so, and the run goes on with finite losses."""
+    r = fresh(template)
+    r.step(2)
+    best = r.best_state
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(r.state)
+    keystr = jax.tree_util.keystr
+    poisoned = [
+        np.full_like(np.asarray(leaf), np.nan) if "positions" in keystr(path) else leaf
+        for path, leaf in paths_and_leaves
+    ]
+    assert sum(np.isnan(np.asarray(x)).any() for x in poisoned) == 1
+    r.state = jax.tree_util.tree_unflatten(treedef, poisoned)
+    # The loss may stay finite (NaN intensities are masked out of it); the gradient is not.
+    what = r"step 2: the refinement (diverged|had a non-finite gradient) \(loss "
+    with pytest.warns(RuntimeWarning, match=what):
+        record = r.step(1)
+    assert record["diverged"] == 1.0
+    assert_trees_equal(r.state, best)
+    assert re.search(what + r".*returned to the best state", r.history.attrs["messages"])
+    assert np.isfinite(r.step(1)["loss"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -227,7 +227,8 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
         return record
 
     def _diverged(self, loss: float, finite: bool) -> dict[str, float]:
-        what = "a non-finite gradient" if finite is False and math.isfinite(loss) else "diverged"
+        gradient = finite is False and math.isfinite(loss)
+        what = "had a non-finite gradient" if gradient else "diverged"
         message = (
             f"step {self.step_count}: the refinement {what} (loss {loss:.4g}, best "
             f"{self.best_loss:.4g} at step {self.best_step}); returned to the best state and "
