@@ -92,19 +92,12 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
         for m in refinement.messages
         if "converge" in m or "Levenberg" in m or m.startswith("thickness search")
     ]
-    report["structure"] = run.get("structure")
-    report["data"] = run.get("data")
+    report["structure"], report["data"] = run.get("structure"), run.get("data")
     if args.resume is not None:
         report["resumed_from"] = str(args.resume_folder)
     text = json.dumps(_finite_or_none(report), indent=1)
     write_atomically(out / "report.json", lambda path: path.write_text(text))
-    history, simulated = refinement.history, refinement.simulated()
-
-    def write_results(path: Path) -> None:
-        history.to_netcdf(path, engine="h5netcdf", group="history")
-        simulated.to_netcdf(path, engine="h5netcdf", group="simulated", mode="a")
-
-    write_atomically(out / "refinement.nc", write_results)
+    refinement.write_results(out / "refinement.nc")
     return report, out
 
 

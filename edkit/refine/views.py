@@ -2,6 +2,7 @@
 history, the refined crystal, the thickness (per frame and as a map), the predicted intensities,
 observed against calculated, and the figures of merit. Read-only views; nothing here steps."""
 
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import xarray as xr
 
 from edkit.crystal import Crystal
+from edkit.io.atomic import write_atomically
 from edkit.precision import x64
 from edkit.refine import core, results
 from edkit.refine.results import history_dataset
@@ -82,6 +84,17 @@ class RefinementViews:
         for name in ("I_obs", "sigma", "h", "k", "l", "frame_id"):
             result[name] = self.dataset[name]
         return result
+
+    def write_results(self: Any, path: str | Path) -> Path:
+        """:attr:`history` and :meth:`simulated` into one netCDF file (groups "history" and
+        "simulated"; what ``edkit refine`` writes as ``refinement.nc``), whole or not at all."""
+        history, simulated = self.history, self.simulated()
+
+        def write(temporary: Path) -> None:
+            history.to_netcdf(temporary, engine="h5netcdf", group="history")
+            simulated.to_netcdf(temporary, engine="h5netcdf", group="simulated", mode="a")
+
+        return write_atomically(path, write)
 
     @x64
     def report(self: Any) -> dict[str, Any]:
