@@ -121,18 +121,17 @@ def _verify(folder: Path) -> None:
         return
     try:
         sums = json.loads(path.read_text())
-        for name, expected in sums.items():
-            if name not in _HASHED:
-                raise ValueError(f"unexpected entry {name!r}")
-            if _sha256(folder / name) != expected:
-                raise EdkitError(
-                    f"{folder / name}: corrupted checkpoint (its SHA-256 is not the one in "
-                    f"{CHECKSUMS}: changed or damaged after it was written)"
-                )
-    except (OSError, ValueError, AttributeError) as error:
-        if isinstance(error, EdkitError):
-            raise
+        if not isinstance(sums, dict) or not set(sums) <= set(_HASHED):
+            raise ValueError(f"expected {{file: SHA-256}} of {', '.join(_HASHED)}")
+        actual = {name: _sha256(folder / name) for name in sums}
+    except (OSError, ValueError) as error:
         raise EdkitError(f"{path}: corrupted checkpoint ({error})") from None
+    for name, expected in sums.items():
+        if actual[name] != expected:
+            raise EdkitError(
+                f"{folder / name}: corrupted checkpoint (its SHA-256 is not the one in "
+                f"{CHECKSUMS}: changed or damaged after it was written)"
+            )
 
 
 def read(

@@ -66,7 +66,9 @@ class StructureLeastSquaresMixin:
             least_squares, self.state, iterations, damping=damping, tolerance=tolerance,
             shift_tolerance=shift_tolerance,
         )  # fmt: skip
-        self.state = result.params
+        # Adam goes on from here with new moments (and its warm-up ramp, below): the old ones
+        # point where the parameters were before LM moved them (a step from them diverged).
+        self._core_state = core.init(result.params, self.problem)
         self._normal_equations = (result.params, result.equations)
         self.seconds += time.perf_counter() - start
         wr_history = [float(np.sqrt(c / denominator)) for c in result.costs]
@@ -79,9 +81,6 @@ class StructureLeastSquaresMixin:
             self.step_count,
         )
         self.step_count += 1
-        # Adam goes on from here with new moments and its warm-up ramp: its old moments point
-        # where the parameters were before LM moved them (a step from them diverged).
-        self._core_state = core.init(result.params, self.problem)
         self.warmup_step = self.step_count
         self.stop_reason = f"least squares: {result.reason}"
         self.messages.append(

@@ -4,7 +4,18 @@ Each frame contributes n_f log(R_f(t)/R_f,min) (the profile likelihood of its n_
 reflections with an unknown misfit variance); consecutive frames pay (log t_f − log t_{f+1})²
 /(2 s² Δθ). The most probable path over the coarse grid (Viterbi) is the trend; each frame then
 takes, among its refined minima and its trend value, the one of least energy with its
-neighbours fixed. See :mod:`edkit.simulate.thickness_search` for why and what it recovers.
+neighbours fixed.
+
+Why a prior and not only per-frame minima with outliers replaced: on the shipped synthetic quartz
+set, the kinematical start's own minima are within 10 % of quartz.cif's on 86 % of the frames
+(the worst 84 % off), its choice here on every frame (at most 9 %); on the real quartz data 67 %
+against 98 % (at most 11 %); on an edkit-made platelet (exact model, Poisson counts) the choice
+is within 5.3 % of the truth on every frame from quartz.cif, 8.3 % from the kinematical start,
+while single frames' own minima scatter up to 9.8 % (tests/test_thickness_search.py). What none
+recovers is the thickness from a far-off structure: with ``quartz_displaced_03.cif`` (R ≈ 60 %)
+the R curves are flat to a few per cent, their minima scatter from 0.05× to 2.9× the platelet's
+thickness and the prior's choice is a smooth 1.7–2.4× (a wrong structure looks better thick):
+the prior keeps such a start smooth, not right.
 """
 
 import numpy as np
