@@ -341,6 +341,23 @@ def test_checkpoint_with_a_wrong_shape(checkpoint, tmp_path) -> None:
     assert str(folder / "state.npz") in str(error.value)
 
 
+def test_checkpoint_of_another_dataset(checkpoint, tmp_path) -> None:
+    """A coherent-looking folder (checksums remade) whose data.nc holds other data than the
+    state was saved for, as when files of two runs are mixed: refused, naming both."""
+    folder = _copy_checkpoint(checkpoint, tmp_path)
+    data = xr.load_dataset(folder / "data.nc", engine="h5netcdf")
+    data["I_obs"].values[0] *= 2.0
+    data.to_netcdf(folder / "data.nc", engine="h5netcdf")
+    sums = json.loads((folder / checkpoints.CHECKSUMS).read_text())
+    sums["data.nc"] = checkpoints._sha256(folder / "data.nc")
+    (folder / checkpoints.CHECKSUMS).write_text(json.dumps(sums))
+    with pytest.raises(EdkitError, match="a checkpoint of another dataset") as error:
+        Refinement.load(folder)
+    n_frames, n_refl = data.sizes["frame"], data.sizes["refl"]
+    assert str(folder / "data.nc") in str(error.value)
+    assert str(error.value).count(f"{n_frames} frames, {n_refl} reflections") == 2
+
+
 def _load_error(folder) -> Exception:
     """What ``Refinement.load(folder)`` raises. np.load leaks the file handle of an .npz it fails
     to open (numpy 2 pops it from its ExitStack before reading the zip directory): drop the
@@ -429,6 +446,32 @@ def test_a_nan_parameter_mid_run_returns_to_the_best_state(template) -> None:
     assert_trees_equal(r.state, best)
     assert re.search(what + r".*returned to the best state", r.history.attrs["messages"])
     assert np.isfinite(r.step(1)["loss"])
+
+
+def test_a_nan_observation_mid_run_stops_at_the_best_state(template) -> None:
+    """The refinement's own copy of I_obs corrupted after two steps (the dataset it was given
+    stays clean): the step is refused, the best state comes back, the message is in the history,
+    and an EdkitError names the reflection instead of NaN steps going on."""
+    from edkit.refine.problem import HostChunks
+
+    r = fresh(template)
+    r.step(2)
+    best, problem = r.best_state, r.problem
+    first = problem.chunks[0]
+    i_obs = np.array(first.i_obs)
+    i_obs[3] = np.nan
+    bad = first._replace(i_obs=i_obs)
+    chunks = (bad, *problem.chunks[1:])
+    host = None if problem.host is None else HostChunks((bad, *problem.host.chunks[1:]))
+    r.problem = problem.replace(chunks=chunks, host=host)
+    index = int(np.asarray(first.refl_index)[3])
+    hkl = " ".join(str(int(r.dataset[c].values[index])) for c in ("h", "k", "l"))
+    with pytest.warns(RuntimeWarning, match="step 2: the refinement diverged \\(loss nan"):
+        with pytest.raises(EdkitError, match="copy of I_obs became non-finite") as error:
+            r.step(1)
+    assert f"reflection {index}, hkl {hkl}" in str(error.value)
+    assert_trees_equal(r.state, best)
+    assert "returned to the best state" in r.history.attrs["messages"]
 
 
 # ---------------------------------------------------------------------------------------------

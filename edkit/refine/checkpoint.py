@@ -5,7 +5,8 @@ Files: ``start.cif`` (readable) and ``start.npz`` (the exact starting arrays), `
 of the parameters, the optimiser state and the best parameters; no pickle) and ``history.nc``.
 Each file is written to a temporary name and renamed, so a checkpoint is never half-written;
 ``checksums.json``, written last, holds every file's SHA-256, and loading checks them (a file
-changed or damaged since is named).
+changed or damaged since is named). ``config.json`` also holds a fingerprint of the data
+the state was made for, so a folder whose ``data.nc`` comes from another dataset is refused.
 
 A *series* of checkpoints (what ``edkit refine`` writes into ``OUT/checkpoints/``) adds
 ``run.json`` (the command line's schedule and position) and is atomic as a whole: each one is
@@ -49,6 +50,24 @@ _CONFIG_KEYS = (
     "options", "step_count", "seconds", "best_step", "best_loss", "base_learning_rates",
     "enabled", "messages", "initial_thickness",
 )  # fmt: skip
+#: The dataset's variables a refinement's state depends on (its frames, reflections, data, UB).
+_DATA_FIELDS = ("frame", "frame_id", "h", "k", "l", "I_obs", "sigma", "UB")
+
+
+def data_fingerprint(dataset: xr.Dataset) -> dict[str, Any]:
+    """Frames, reflections and a SHA-256 of the values a refinement's state depends on; the
+    same after a netCDF round trip (values compared as float64)."""
+    digest = hashlib.sha256()
+    for name in _DATA_FIELDS:
+        if name in dataset.variables:
+            values = np.ascontiguousarray(dataset[name].values, dtype=np.float64)
+            digest.update(f"{name}{values.shape}".encode())
+            digest.update(values.tobytes())
+    return {
+        "frames": int(dataset.sizes.get("frame", 0)),
+        "reflections": int(dataset.sizes.get("refl", 0)),
+        "sha256": digest.hexdigest(),
+    }
 
 
 def save(refinement: "Refinement", folder: Path) -> Path:
@@ -80,6 +99,7 @@ def save(refinement: "Refinement", folder: Path) -> Path:
         "restart_step": refinement.restart_step,
         "restart_loss": refinement.restart_loss,
         "warmup_step": refinement.warmup_step,
+        "data": data_fingerprint(refinement.dataset),
     }
     write_atomically(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
     arrays: dict[str, Any] = {}
@@ -175,11 +195,33 @@ def read(
             arrays = {key: stored[key] for key in stored.files}
     except _BAD_FILE as error:
         raise EdkitError(f"{current}: corrupted checkpoint ({error})") from None
+    _check_data(folder, config, dataset)
     try:
         options = options_from(**config["options"])
     except (EdkitError, TypeError) as error:
         raise EdkitError(f"{folder / 'config.json'}: {error}") from None
     return crystal, dataset, options, config, arrays
+
+
+def _check_data(folder: Path, config: dict[str, Any], dataset: xr.Dataset) -> None:
+    """EdkitError when ``data.nc`` is not the dataset the state was saved with (checkpoints
+    written before the fingerprint have none: not checked)."""
+    saved = config.get("data")
+    if saved is None:
+        return
+    found = data_fingerprint(dataset)
+    if saved != found:
+
+        def describe(d: Any) -> str:
+            if not isinstance(d, dict):
+                return repr(d)
+            sha = str(d.get("sha256", ""))[:12]
+            return f"{d.get('frames')} frames, {d.get('reflections')} reflections, data {sha}"
+
+        raise EdkitError(
+            f"{folder / 'data.nc'}: a checkpoint of another dataset: its state was saved for "
+            f"{describe(saved)}, but data.nc holds {describe(found)} (files of two runs mixed?)"
+        )
 
 
 def restore(

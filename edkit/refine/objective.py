@@ -42,9 +42,15 @@ def chunk_partial_sum(
       n_frames: frames in the chunk (static).
     """
     if objective == "wr2":
-        return _wr2_frame_sum(i_obs, sigma, i_calc, mask, frame_index, n_frames)
-    r = metrics.jana_residuals(i_obs, sigma, i_calc, mask, frame_index, n_frames)
-    return jnp.sum(r * r)
+        total = _wr2_frame_sum(i_obs, sigma, i_calc, mask, frame_index, n_frames)
+    else:
+        r = metrics.jana_residuals(i_obs, sigma, i_calc, mask, frame_index, n_frames)
+        total = jnp.sum(r * r)
+    # The loss functions read a non-finite I_obs as F_o = 0; here it makes the sum NaN, so that
+    # data corrupted after the set-up stops the run (Refinement names the reflection).
+    counted = jnp.asarray(mask, dtype=bool)
+    data_finite = jnp.all(jnp.isfinite(jnp.where(counted, i_obs * sigma, 0.0)))
+    return jnp.where(data_finite, total, jnp.nan)
 
 
 def loss_from_sums(
@@ -58,4 +64,4 @@ def loss_from_sums(
         return total / denominator, jnp.ones_like(total) / denominator
     loss = _safe_sqrt(total / denominator)
     factor = _safe_div(jnp.ones_like(total), 2.0 * loss * denominator)
-    return loss, factor
+    return jnp.where(jnp.isfinite(total), loss, jnp.nan), factor  # a NaN sum stays NaN

@@ -129,6 +129,28 @@ def check_observations(dataset: xr.Dataset) -> None:
             )
 
 
+def check_problem_data(problem: Problem, dataset: xr.Dataset) -> None:
+    """Refuse a refinement whose own copy of the observations became non-finite after it was
+    set up (memory corruption, a change made from Python): EdkitError naming the reflection.
+    Called when a step's loss is not finite, to tell a data fault from a numerical one."""
+    chunks = problem.host.chunks if problem.host is not None else problem.chunks
+    for chunk in chunks:
+        index = np.asarray(chunk.refl_index)
+        real = index < problem.n_refl  # padding rows point past the last reflection
+        for name in ("i_obs", "sigma"):
+            values = np.asarray(getattr(chunk, name))[real]
+            bad = ~np.isfinite(values)
+            if bad.any():
+                i = int(index[real][np.flatnonzero(bad)[0]])
+                hkl = " ".join(str(int(dataset[c].values[i])) for c in ("h", "k", "l"))
+                field = "I_obs" if name == "i_obs" else "sigma"
+                raise EdkitError(
+                    f"the refinement's copy of {field} became non-finite after its set-up "
+                    f"(reflection {i}, hkl {hkl}, frame {int(dataset['frame_id'].values[i])}: "
+                    f"{values[bad][0]!r}); stopped at the best state"
+                )
+
+
 def _prepare(
     crystal: Crystal,
     dataset: xr.Dataset,

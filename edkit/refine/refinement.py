@@ -37,7 +37,7 @@ from edkit.refine.options import (
     parse_memory,
 )
 from edkit.refine.planner import MemoryPlan
-from edkit.refine.prepare import prepare, spread_messages
+from edkit.refine.prepare import check_problem_data, prepare, spread_messages
 from edkit.refine.problem import Problem
 from edkit.refine.results import figures
 from edkit.refine.views import RefinementViews
@@ -240,6 +240,8 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
             self.base_learning_rates[group] *= 0.5
         self._core_state = core.init(self.best_state, self.problem)
         self.step_count += 1
+        if not math.isfinite(loss):
+            check_problem_data(self.problem, self.dataset)  # a data fault ends the run
         return {"loss": loss, "diverged": 1.0}
 
     def _record(self, loss: float, val: float, i_calc: np.ndarray) -> dict[str, float]:
