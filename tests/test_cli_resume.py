@@ -70,6 +70,24 @@ def write_series(refinement, out, run):
     return folder
 
 checkpoint.write_series = write_series
+
+# EDKIT_TEST_KILL_AT_WRITE=k: the k-th file a checkpoint writes is written half, then the process
+# SIGKILLs itself (a kill during a checkpoint write, at a known place).
+kill_at = int(os.environ.get("EDKIT_TEST_KILL_AT_WRITE", "0"))
+atomic, calls = checkpoint.write_atomically, []
+
+def killing_write(path, write):
+    calls.append(path)
+    if len(calls) != kill_at:
+        return atomic(path, write)
+    def half_then_kill(partial):
+        write(partial)
+        with open(partial, "r+b") as handle:
+            handle.truncate(max(1, os.path.getsize(partial) // 2))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return atomic(path, half_then_kill)
+
+checkpoint.write_atomically = killing_write
 sys.exit(main(sys.argv[1:]))
 """
 TIMEOUT = 300.0  # s, for one run on a loaded machine
@@ -105,7 +123,9 @@ def _flags(data_dir: Path, out: Path) -> list[str]:
 class Run:
     """An ``edkit`` process through the wrapper, its output in files (no pipe to fill)."""
 
-    def __init__(self, wrapper: Path, argv: list[str], env: dict, log: Path, pause_at=-1):
+    def __init__(
+        self, wrapper: Path, argv: list[str], env: dict, log: Path, pause_at=-1, kill_at_write=0
+    ):
         self.out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
         self.out_file, self.err_file = log.with_suffix(".out"), log.with_suffix(".err")
         self.paused_marker = log.with_suffix(".paused")
@@ -118,6 +138,7 @@ class Run:
                     **env,
                     "EDKIT_TEST_PAUSE_AT": str(pause_at),
                     "EDKIT_TEST_PAUSED_MARKER": str(self.paused_marker),
+                    "EDKIT_TEST_KILL_AT_WRITE": str(kill_at_write),
                 },
             )
 
@@ -250,6 +271,75 @@ def test_resumed_run_is_bit_identical(reference, resumed) -> None:
     for key in ("r_obs", "r_all", "wr_obs", "wr_all", "r_obs_mean_frame", "thickness", "steps"):
         assert a[key] == b[key], key
     assert b["structure"] == a["structure"] and b["resumed_from"].endswith("0002-step000010")
+
+
+#: Where each of the ten kills lands: "write" inside a random file of the first checkpoint the
+#: process writes (SIGKILL from inside, the file half-written); "start-up" after a random
+#: 0.2–3 s (loading, set-up, compiling); "steps" a random 0–0.4 s after the process's 1–3rd new
+#: checkpoint (mid-step, mid-write or in the least squares, from outside).
+KILLS = ("write", "start-up", "write", "steps", "write", "start-up", "write", "steps", "write",
+         "start-up")  # fmt: skip
+FILES_PER_CHECKPOINT = 8  # start.cif/.npz, data.nc, config.json, state.npz, history.nc, sums, run
+
+
+def _wait_for_new_checkpoints(run: Run, out: Path, before: list[Path], count: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    start = checkpoint._number(before[-1]) if before else 0  # only the newest few are kept
+    while run.process.poll() is None:
+        found = checkpoint.series(out)
+        if found and checkpoint._number(found[-1]) - start >= count:
+            return
+        assert time.monotonic() < deadline, run.stderr
+        time.sleep(0.01)
+
+
+@pytest.mark.slow  # 10 killed processes and a resumed one: about 2 minutes
+def test_ten_random_kills_resume_to_the_same_result(data_dir, wrapper, env, tmp_path, reference):
+    """SIGKILL at ten random moments (seeded; see KILLS): after every kill the newest complete
+    checkpoint loads (its checksums hold), is no older than the one before, and nothing but
+    complete checkpoints and hidden partial folders is left; the next process resumes from it
+    (or starts afresh when none was complete yet). The last resume ends bit-identical to the
+    uninterrupted run: parameters, optimiser state, best state, figures and structure."""
+    rng = np.random.default_rng(16)
+    out = tmp_path / "out"
+    flags = [*_flags(data_dir, out), "--checkpoint-every", "1"]
+    last_step, log = -1, []
+    for number, where in enumerate(KILLS):
+        before = checkpoint.series(out)
+        argv = ["refine", "--resume", str(out)] if before else flags
+        kill_at = int(rng.integers(1, FILES_PER_CHECKPOINT + 1)) if where == "write" else 0
+        run = Run(wrapper, argv, env, tmp_path / f"run{number}", kill_at_write=kill_at)
+        if where != "write":
+            if where == "steps":
+                _wait_for_new_checkpoints(run, out, before, int(rng.integers(1, 4)))
+            delay = rng.uniform(0.2, 3.0) if where == "start-up" else rng.uniform(0.0, 0.4)
+            try:
+                run.process.wait(float(delay))
+            except subprocess.TimeoutExpired:
+                run.process.send_signal(signal.SIGKILL)
+        code = run.finish()
+        assert code == -signal.SIGKILL, f"kill {number} ({where}): exit {code}\n{run.stderr}"
+        found = checkpoint.series(out)
+        if found:
+            checkpoint.read(found[-1])  # loads: every checksum holds
+            step = json.loads((found[-1] / "config.json").read_text())["step_count"]
+            assert step >= last_step
+            last_step = step
+            names = [p.name for p in (out / "checkpoints").iterdir()]
+            assert all(checkpoint._NAME.fullmatch(n) or n.startswith(".") for n in names)
+        log.append((where, kill_at, [p.name for p in found]))
+    assert last_step > 0, log  # the chain got somewhere before the final resume
+    final = Run(wrapper, ["refine", "--resume", str(out), "--quiet"], env, tmp_path / "final")
+    assert final.finish() == 0, final.stderr
+    expected, got = _final_state(reference.out), _final_state(out)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{key} after {log}")
+    a = json.loads((reference.out / "report.json").read_text())
+    b = json.loads((out / "report.json").read_text())
+    for key in ("r_obs", "wr_all", "thickness", "steps", "structure"):
+        assert a[key] == b[key], key
+    print("kills:", log)
 
 
 # ---------------------------------------------------------------------------------- errors
