@@ -40,7 +40,6 @@ run simulates and caches the series: about 20 minutes on one core).
 """
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -58,6 +57,7 @@ from timing import best_time  # benchmarks/timing.py (script dir on sys.path)
 
 import edkit
 from edkit import metrics
+from edkit.heap import release_freed_heap
 from edkit.physics.structure import structure_params, structure_tables
 from edkit.simulate.frames import build_frame_setup, frame_intensity_stack, reflection_intensities
 from edkit.simulate.synthetic import make_dataset, rotation_series
@@ -129,15 +129,6 @@ def _beam_counts(args, data) -> str:
     return "\n".join(lines)
 
 
-def _release_freed_heap() -> None:
-    """Hand the heap that XLA's compiler freed back to the OS (glibc ``malloc_trim``; ~1.2 GB
-    here), so that the epoch's peak memory is the epoch's, not the compiler's leftovers."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
-
-
 def measure(method: str, args) -> dict:
     if method == "pipeline":
         options = {"g_max": args.g_max}
@@ -191,7 +182,7 @@ def measure(method: str, args) -> dict:
         epoch = epoch.lower(params, thickness).compile()
         compile_seconds = time.perf_counter() - start
         compile_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        _release_freed_heap()
+        release_freed_heap()
         jax.block_until_ready(forward(params, thickness))
         jax.block_until_ready(epoch(params, thickness))
         t_forward = best_time(lambda: forward(params, thickness), args.repeats)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from edkit.crystal import Crystal, adp_matrix, ueq
 from edkit.errors import EdkitError
+from edkit.heap import release_freed_heap
 from edkit.models.hybrid import HybridModel
 from edkit.models.parameters import StructureMapping
 from edkit.models.thickness import FrameFeatures
@@ -246,8 +247,10 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
 
     def _record(self, loss: float, val: float, i_calc: np.ndarray) -> dict[str, float]:
         model = self.model
+        # Copies (np.array), not views of JAX arrays: a record must not keep a device buffer
+        # alive for the rest of the session (RSS grew ~2–5 MB per 300 steps with views).
         with jax.enable_x64(True):
-            fract = np.asarray(model.structure(self.mapping).fract)
+            fract = np.array(model.structure(self.mapping).fract)
             values, weights = model.thickness(self.features)
             u_cif = np.asarray(self.mapping.u_cif(model.adp[...]))
         record: dict[str, Any] = {
@@ -257,7 +260,7 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
             **self._figures(i_calc),
             "fract": fract,
             "ueq": ueq(adp_matrix(u_cif), self.mapping.real_basis),
-            "thickness": np.asarray(jnp.sum(values * weights, axis=1)),
+            "thickness": np.array(jnp.sum(values * weights, axis=1)),
             "seconds": self.seconds,
         }
         self._records.append(record)
@@ -311,6 +314,7 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
                     f"converged ({steps} step(s) in this call)"
                 )
                 self.messages.append(self.stop_reason)
+        release_freed_heap()  # the first step's compiler heap, back to the OS
         return self
 
     def _selection_losses(self, since_step: int) -> list[float]:

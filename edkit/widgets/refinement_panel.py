@@ -18,6 +18,7 @@ import holoviews as hv
 import ipywidgets as widgets
 import numpy as np
 
+from edkit.heap import release_freed_heap
 from edkit.refine.refinement import GROUPS, Refinement
 from edkit.widgets.bridge import HoloViewsWidget, extension, refinement_lock
 from edkit.widgets.parameter_table import parameter_table
@@ -275,6 +276,7 @@ class RefinementPanel:
             self._problem = f"{type(error).__name__}: {error}"
             self._activity = f"stopped at step {self.refinement.step_count}"
         finally:
+            release_freed_heap()  # what compiling and rendering freed, back to the OS
             try:
                 self._set_busy(False)
                 self._refresh_status()
