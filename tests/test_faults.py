@@ -102,3 +102,34 @@ def test_a_bad_observation_is_refused_before_any_work(data_dir, name, value) -> 
     pattern = rf"quartz_experimental\.cif_pets: {name} of reflection 7 \(hkl -?\d+ -?\d+ -?\d+, "
     with pytest.raises(EdkitError, match=pattern + r"frame \d+\) is .*; 1 reflection\(s\)"):
         Refinement(crystal, dataset, progress=False)
+
+
+def _edge_cases(crystal, dataset) -> dict:
+    return {
+        "crystal": (("quartz.cif", dataset), {}, r"crystal: expected an edkit Crystal .* got str"),
+        "dataset": ((crystal, {"I_obs": [1.0]}), {}, r"dataset: expected an xarray\.Dataset"),
+        "field": (
+            (crystal, dataset.drop_vars("sigma")), {},
+            r"quartz_experimental\.cif_pets: no sigma; a refinement needs",
+        ),
+        "x-ray": (
+            (crystal, dataset.assign(wavelength=1.5406, voltage=62.0)), {},
+            r"wavelength 1\.5406 Å, voltage 62 V is not an electron microscope's",
+        ),
+        "option": (
+            (crystal, dataset), {"thickness": np.ones(7)}, r"thickness = array\(.*expected one of"
+        ),
+        "no scored": ((crystal, dataset), {"g_max": 0.05}, r"no reflection of .* is scored"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["crystal", "dataset", "field", "x-ray", "option", "no scored"])
+def test_wrong_inputs_at_the_api_edge(data_dir, case) -> None:
+    """Arguments of the wrong type, a dataset without a needed field, X-ray data (its wavelength
+    read as electrons'), an array where a model name belongs, and nothing scored: an EdkitError
+    naming the argument or field and what was expected, before any heavy work."""
+    crystal = read_cif(data_dir / "structures" / "quartz.cif")
+    dataset = read_pets(data_dir / "pets" / "quartz_experimental.cif_pets")
+    args, options, match = _edge_cases(crystal, dataset)[case]
+    with pytest.raises(EdkitError, match=match):
+        Refinement(*args, progress=False, n_sub=3, **options)

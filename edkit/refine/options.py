@@ -300,7 +300,11 @@ def _check(name: str, value: Any) -> None:
             if not (_is_real(rate) and rate >= 0):
                 raise EdkitError(f"learning_rates[{group!r}] = {rate!r}: expected a rate ≥ 0")
     elif name in CHOICES:
-        if value not in CHOICES[name]:
+        try:
+            known = isinstance(value, str) and value in CHOICES[name]
+        except (TypeError, ValueError):  # an array or other odd value: not a choice
+            known = False
+        if not known and not (value is None and None in CHOICES[name]):
             raise EdkitError(f"{name} = {value!r}: expected one of {CHOICES[name]}")
     else:
         test, expected = _CHECKS[name]

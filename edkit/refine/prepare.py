@@ -17,6 +17,7 @@ import numpy as np
 import xarray as xr
 from flax import nnx
 
+from edkit.constants import electron_wavelength
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.models.hybrid import HybridModel
@@ -106,6 +107,47 @@ def prepare(
         return _prepare(crystal, dataset, opts, initial_thickness, bar, progress)
 
 
+#: What a refinement reads from a dataset (``edkit.read_pets`` gives all of them).
+REQUIRED_FIELDS = ("frame", "h", "k", "l", "frame_id", "I_obs", "sigma", "UB", "voltage")
+#: Accelerating voltages of electron diffraction instruments, V (λ = 0.122–0.0036 Å; 0.037–0.020 Å
+#: at 100–300 kV); a wavelength outside means the file's radiation is not electrons.
+VOLTAGE_RANGE = (10e3, 3e6)
+
+
+def check_inputs(crystal: Any, dataset: Any) -> None:
+    """Refuse what a refinement cannot start from, naming the argument and what was expected:
+    a structure that is not a Crystal, a dataset that is not an xarray Dataset with the fields
+    of :data:`REQUIRED_FIELDS`, or a wavelength that is not an electron microscope's."""
+    if not isinstance(crystal, Crystal):
+        raise EdkitError(
+            "crystal: expected an edkit Crystal (edkit.read_cif(path)), got "
+            f"{type(crystal).__name__}"
+        )
+    if not isinstance(dataset, xr.Dataset):
+        raise EdkitError(
+            "dataset: expected an xarray.Dataset (edkit.read_pets(path)), got "
+            f"{type(dataset).__name__}"
+        )
+    source = dataset.attrs.get("source_file", "the dataset")
+    missing = [name for name in REQUIRED_FIELDS if name not in dataset.variables]
+    if missing:
+        raise EdkitError(
+            f"{source}: no {', '.join(missing)}; a refinement needs {', '.join(REQUIRED_FIELDS)} "
+            "(as edkit.read_pets gives them)"
+        )
+    voltage = float(dataset["voltage"])
+    low, high = VOLTAGE_RANGE
+    if not (math.isfinite(voltage) and low <= voltage <= high):
+        wavelength = dataset["wavelength"].values if "wavelength" in dataset else None
+        given = f"wavelength {float(wavelength):g} Å, " if wavelength is not None else ""
+        raise EdkitError(
+            f"{source}: {given}voltage {voltage:g} V is not an electron microscope's (expected "
+            f"{low / 1e3:g} kV–{high / 1e6:g} MV, λ = {electron_wavelength(low):.3f}–"
+            f"{electron_wavelength(high):.4f} Å): not electron diffraction data, or the wavelength "
+            "field holds another unit"
+        )
+
+
 def check_observations(dataset: xr.Dataset) -> None:
     """Refuse observations a refinement cannot use: a non-finite I_obs or σ, or a negative σ
     (a dataset changed in Python after reading; the PETS reader refuses them in files).
@@ -163,6 +205,7 @@ def _prepare(
         bar.update()
         bar.set_description(f"preparing: {next_step}")
 
+    check_inputs(crystal, dataset)
     check_observations(dataset)
     setup = build_frame_setup(
         crystal, dataset, g_max=opts.g_max, sg_max=opts.sg_max, n_sub=opts.n_sub,
