@@ -126,7 +126,8 @@ def _by_hkl(pattern) -> dict[tuple[int, int, int], np.ndarray]:
 def _fixing_operations(crystal: Crystal, axis: tuple[int, int, int]) -> list[np.ndarray]:
     """The point operations (fractional R, integer) that fix the direct-space direction axis."""
     v = np.asarray(axis, dtype=float)
-    rotations = np.rint(np.asarray(crystal.rotations)).astype(int)
+    # Distinct rotations: a centred cell repeats each one with every centring translation.
+    rotations = np.unique(np.rint(np.asarray(crystal.rotations)).astype(int), axis=0)
     return [r for r in rotations if np.allclose(r @ v, v)]
 
 
