@@ -2,7 +2,10 @@
 # Each builds .venv from a Python >= 3.12 that scripts/find-python.sh finds (PATH, then pyenv).
 VENV := .venv
 PY := $(VENV)/bin/python
+# The library, the CLI and the widgets (`make demo`); the test tools and abTEM (GPL, one
+# cross-check) only for the test targets.
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test test-slow test-benchmarks test-notebooks test-binder test-browser lint bench clean
 
@@ -14,29 +17,33 @@ $(STAMP): pyproject.toml scripts/find-python.sh
 	  echo "using $$PYTHON"; \
 	  test -x $(PY) || $$PYTHON -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,abtem]'
+	$(PY) -m pip install -q -e '.[jupyter]'
 	@touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[jupyter,test,abtem]'
+	@touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/edkit demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check edkit tests benchmarks
 	$(VENV)/bin/ruff format --check edkit tests benchmarks
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy edkit
 	$(PY) -m pytest -q --durations=15
 
-test-slow: $(STAMP)
+test-slow: $(TEST_STAMP)
 	$(PY) -m pytest -q -m slow --durations=10
 
 # Long reproductions kept out of CI's time budget (the paper benchmark through the compat
 # transform: about 8 minutes on 2 cores).
-test-benchmarks: $(STAMP)
+test-benchmarks: $(TEST_STAMP)
 	$(PY) -m pytest -q -s -m benchmark
 
 # Execute every notebook in notebooks/ (fails on the first cell that raises).
-test-notebooks: $(STAMP)
+test-notebooks: $(TEST_STAMP)
 	$(PY) -m pytest -q --nbmake --nbmake-timeout=$(NB_CELL_TIMEOUT) notebooks
 
 # A fresh venv from binder/requirements.txt + binder/postBuild, then notebooks 01 and 02 in it
@@ -46,12 +53,12 @@ test-binder:
 
 # The RefinementPanel in Debian's Chromium through Voila (installs Chromium when missing: CI
 # runs as root on Debian). EDKIT_SCREENSHOT=1 also refreshes docs/panel.png.
-test-browser: $(STAMP)
+test-browser: $(TEST_STAMP)
 	$(PY) -m pip install -q -e '.[browser]'
 	@test -x /usr/bin/chromium || { apt-get update -q && apt-get install -y -q chromium; }
 	$(PY) -m pytest -q -m browser
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) benchmarks/kernel.py
 
 clean:

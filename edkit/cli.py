@@ -32,6 +32,7 @@ from edkit.refine.schedule import (
     from_run,
     run_schedule,
 )
+from edkit.version import __version__
 
 OPTION_FIELDS = tuple(f for f in dataclasses.fields(RefinementOptions) if f.metadata["cli"])
 DEFAULT_OUT = "edkit-out"
@@ -362,6 +363,7 @@ def _count(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edkit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     refine = commands.add_parser("refine", help="refine a structure against a PETS2 dataset")
     # Required unless --resume (checked in main, with argparse's message).

@@ -48,8 +48,10 @@ def _pins() -> dict[str, Version]:
 
 
 def test_binder_pins_every_runtime_dependency_within_its_range():
+    """The core and the jupyter extra (the notebooks need both)."""
     pins = _pins()
-    for dependency in _pyproject()["project"]["dependencies"]:
+    project = _pyproject()["project"]
+    for dependency in project["dependencies"] + project["optional-dependencies"]["jupyter"]:
         requirement = Requirement(dependency)
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{requirement.name} (pyproject) is not pinned in binder/"

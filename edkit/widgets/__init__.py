@@ -44,9 +44,23 @@ __all__ = [
 ]
 
 
+#: What the widgets import that the core does not install (the ``jupyter`` extra).
+JUPYTER_EXTRA = ("holoviews", "bokeh", "panel", "jupyter_bokeh", "ipywidgets", "pandas")
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
+        try:
+            module = import_module(_LAZY[name])
+        except ModuleNotFoundError as error:
+            if error.name not in JUPYTER_EXTRA:
+                raise
+            raise ModuleNotFoundError(
+                f"edkit.widgets.{name} needs the jupyter extra ({error.name} is not installed): "
+                "pip install 'edkit[jupyter]'",
+                name=error.name,
+            ) from None
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'edkit.widgets' has no attribute {name!r}")

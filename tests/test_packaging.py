@@ -1,0 +1,78 @@
+"""A plain ``pip install`` (no extras) in a fresh virtual environment: the library and the
+``edkit`` command work without the Jupyter stack (issue 15's lean core).
+
+The checkout's package files are copied to a temporary folder and installed from there (no
+build files left in the checkout); pip takes the dependencies from its cache when the main
+environment was installed on this machine (CI: ``make test`` just did), so the test costs about
+two minutes. The refinement is test_cli.py's tiny one with two steps.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: What only the jupyter extra brings (edkit.widgets; its pandas comes with xarray anyway).
+JUPYTER_ONLY = ("holoviews", "bokeh", "panel", "jupyter_bokeh", "ipywidgets", "IPython")
+
+
+def _run(command: list, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(c) for c in command], capture_output=True, text=True, timeout=900, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def plain_venv(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("plain")
+    source = folder / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "edkit", source / "edkit", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = folder / "venv"
+    done = _run([sys.executable, "-m", "venv", venv])
+    assert done.returncode == 0, done.stderr
+    done = _run([venv / "bin" / "python", "-m", "pip", "install", "-q", source])
+    assert done.returncode == 0, done.stderr
+    return venv
+
+
+@pytest.mark.slow  # a fresh environment: about two minutes
+def test_plain_install_has_no_jupyter_stack_and_a_version(plain_venv) -> None:
+    python = plain_venv / "bin" / "python"
+    found = _run([
+        python, "-c",
+        "import importlib.util, sys, edkit; "
+        f"print([m for m in {JUPYTER_ONLY!r} if importlib.util.find_spec(m)]); "
+        "print(edkit.__version__); import matplotlib",
+    ])  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.splitlines() == ["[]", version("edkit")]
+    shown = _run([plain_venv / "bin" / "edkit", "--version"])
+    assert shown.returncode == 0 and shown.stdout.strip() == f"edkit {version('edkit')}"
+    widgets = _run([python, "-c", "import edkit.widgets as w; w.RefinementPanel"])
+    assert widgets.returncode == 1
+    assert "needs the jupyter extra" in widgets.stderr
+    assert "pip install 'edkit[jupyter]'" in widgets.stderr
+
+
+@pytest.mark.slow  # a fresh environment: about two minutes
+def test_plain_install_refines_from_the_command_line(plain_venv, data_dir, tmp_path) -> None:
+    out = tmp_path / "out"
+    done = _run([
+        plain_venv / "bin" / "edkit", "refine",
+        "--structure", data_dir / "structures" / "quartz_kinematical.cif",
+        "--data", data_dir / "pets" / "quartz_experimental.cif_pets", "--out", out,
+        "--steps", "2", "--every", "33", "--n-sub", "5", "--g-max", "1.0",
+        "--lm-rounds", "0", "--polish-steps", "0", "--quiet",
+    ])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 2 and (out / "refined.cif").exists()
