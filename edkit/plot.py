@@ -1,0 +1,134 @@
+"""Static figures of a refinement (matplotlib), from its xarray outputs.
+
+Every function takes what ``Refinement`` gives (or ``refinement.nc`` holds after
+``xr.open_dataset(path, group=...)``): :attr:`~edkit.Refinement.history`,
+:meth:`~edkit.Refinement.simulated` and :attr:`~edkit.Refinement.thickness`. Each draws into
+``ax`` when one is given, else into a new :class:`matplotlib.figure.Figure` made without pyplot,
+so no global figure state is touched (nothing to close, nothing shown twice in a notebook; a
+Figure displays itself in Jupyter). Returns the figure; ``fig.savefig("name.png")`` writes it.
+R-factors are shown in %.
+
+    from edkit import plot
+    plot.convergence(refinement.history).savefig("convergence.png")
+    plot.frames(refinement.simulated())
+    plot.thickness(refinement.thickness)
+    plot.f_obs_vs_f_calc(refinement.simulated())
+"""
+
+import numpy as np
+import xarray as xr
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+__all__ = ["convergence", "f_obs_vs_f_calc", "frames", "thickness"]
+
+
+def _axes(ax: Axes | None, size: tuple[float, float] = (6.0, 3.6)) -> Axes:
+    if ax is not None:
+        return ax
+    figure = Figure(figsize=size, layout="constrained")
+    return figure.add_subplot()
+
+
+def _figure(ax: Axes) -> Figure:
+    figure = ax.get_figure()
+    assert isinstance(figure, Figure)
+    return figure
+
+
+def convergence(history: xr.Dataset, ax: Axes | None = None) -> Figure:
+    """Loss (left axis) and the R-factors in % (right axis) against the step.
+
+    Args:
+      history: ``refinement.history`` (variables ``loss``, ``r_obs``, ``wr_all`` and
+        ``r_obs_mean_frame`` over ``step``).
+      ax: draw here; None: a new figure.
+    """
+    ax = _axes(ax)
+    steps = history["step"].values
+    ax.plot(steps, history["loss"].values, color="black", label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"loss ({history.attrs.get('objective', 'jana')})")
+    right = ax.twinx()
+    for name, label in (
+        ("r_obs_mean_frame", "mean per-frame R_obs"),
+        ("r_obs", "Jana R_obs"),
+        ("wr_all", "Jana wR_all"),
+    ):
+        if name in history:
+            right.plot(steps, 100.0 * history[name].values, linestyle="--", label=label)
+    right.set_ylabel("R (%)")
+    lines = ax.get_lines() + right.get_lines()
+    ax.legend(lines, [str(line.get_label()) for line in lines], loc="upper right", fontsize=8)
+    ax.set_title("convergence")
+    return _figure(ax)
+
+
+def frames(simulated: xr.Dataset, ax: Axes | None = None) -> Figure:
+    """Per-frame R_obs in % (left axis, bars) and the frame scale (right axis) against frame.
+
+    Args:
+      simulated: ``refinement.simulated()`` (``r_obs_frame`` and ``scale`` over ``frame``).
+      ax: draw here; None: a new figure.
+    """
+    ax = _axes(ax)
+    frame = simulated["frame"].values
+    r_frame = 100.0 * simulated["r_obs_frame"].values
+    ax.bar(frame, np.nan_to_num(r_frame), color="tab:blue", alpha=0.6, label="R_obs")
+    ax.set_xlabel("frame")
+    ax.set_ylabel("per-frame R_obs (%)")
+    right = ax.twinx()
+    right.plot(frame, simulated["scale"].values, "o-", color="tab:red", markersize=3, label="scale")
+    right.set_ylabel("frame scale")
+    mean = float(np.nanmean(r_frame)) if np.isfinite(r_frame).any() else float("nan")
+    ax.set_title(f"frames (mean per-frame R_obs {mean:.2f} %)")
+    return _figure(ax)
+
+
+def thickness(thickness: xr.DataArray, ax: Axes | None = None) -> Figure:
+    """Mean thickness against the tilt α, with ±1 spread (σ of the distribution) as a band
+    and the grid search's per-frame values as points.
+
+    Args:
+      thickness: ``refinement.thickness`` (Å over ``frame``; coords ``alpha`` in degrees,
+        ``spread`` and ``grid_search`` in Å).
+      ax: draw here; None: a new figure.
+    """
+    ax = _axes(ax)
+    alpha = thickness["alpha"].values
+    order = np.argsort(alpha)
+    mean = thickness.values[order]
+    ax.plot(alpha[order], mean, color="black", label=f"model ({thickness.attrs.get('model')})")
+    if "spread" in thickness.coords:
+        spread = thickness["spread"].values[order]
+        ax.fill_between(alpha[order], mean - spread, mean + spread, alpha=0.25, label="±σ")
+    if "grid_search" in thickness.coords:
+        search = thickness["grid_search"].values[order]
+        ax.plot(alpha[order], search, ".", color="tab:orange", label="grid search")
+    ax.set_xlabel("α (°)")
+    ax.set_ylabel("thickness (Å)")
+    ax.legend(fontsize=8)
+    ax.set_title("thickness")
+    return _figure(ax)
+
+
+def f_obs_vs_f_calc(simulated: xr.Dataset, ax: Axes | None = None) -> Figure:
+    """F_obs = sqrt(max(I_obs, 0)) against F_calc = sqrt(I_calc scaled) over the scored
+    reflections, with the line F_obs = F_calc.
+
+    Args:
+      simulated: ``refinement.simulated()`` (``I_obs``, ``I_calc_scaled``, ``scored``).
+      ax: draw here; None: a new figure (square).
+    """
+    ax = _axes(ax, size=(4.2, 4.0))
+    scored = np.asarray(simulated["scored"].values, dtype=bool)
+    f_obs = np.sqrt(np.maximum(simulated["I_obs"].values[scored], 0.0))
+    f_calc = np.sqrt(np.maximum(simulated["I_calc_scaled"].values[scored], 0.0))
+    ax.plot(f_calc, f_obs, ".", markersize=3, alpha=0.6)
+    top = float(max(f_obs.max(initial=0.0), f_calc.max(initial=0.0))) or 1.0
+    ax.plot([0.0, top], [0.0, top], color="black", linewidth=0.8)
+    ax.set_xlabel("F_calc (scaled)")
+    ax.set_ylabel("F_obs")
+    ax.set_aspect("equal")
+    ax.set_title(f"{int(scored.sum())} scored reflections")
+    return _figure(ax)

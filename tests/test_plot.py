@@ -1,0 +1,69 @@
+"""edkit.plot: each figure drawn from a small real refinement's outputs (and from refinement.nc
+read back), with the data it was given, labelled axes, written as PNG, and no pyplot state."""
+
+import sys
+
+import numpy as np
+import pytest
+import xarray as xr
+from matplotlib.figure import Figure
+
+from edkit import Refinement, plot, read_cif, read_pets, select_frames
+
+
+@pytest.fixture(scope="module")
+def refinement(data_dir) -> Refinement:
+    quartz = read_cif(data_dir / "structures" / "quartz.cif")
+    dataset = select_frames(
+        read_pets(data_dir / "pets" / "quartz_experimental.cif_pets"), [10, 45, 80]
+    )
+    r = Refinement(quartz, dataset, g_max=1.0, n_sub=3, thickness_grid=(200.0, 1000.0, 200.0))
+    r.run(3, progress=False)
+    return r
+
+
+def test_figures_carry_their_data_and_labels(refinement, tmp_path) -> None:
+    history, simulated = refinement.history, refinement.simulated()
+    figure = plot.convergence(history)
+    assert isinstance(figure, Figure)
+    loss_line = figure.axes[0].get_lines()[0]
+    np.testing.assert_array_equal(loss_line.get_ydata(), history["loss"].values)
+    r_lines = {str(line.get_label()): line for line in figure.axes[1].get_lines()}
+    np.testing.assert_allclose(r_lines["Jana R_obs"].get_ydata(), 100 * history["r_obs"].values)
+    assert figure.axes[1].get_ylabel() == "R (%)"
+
+    figure = plot.frames(simulated)
+    heights = [patch.get_height() for patch in figure.axes[0].patches]
+    np.testing.assert_allclose(heights, 100 * np.nan_to_num(simulated["r_obs_frame"].values))
+    np.testing.assert_array_equal(figure.axes[1].get_lines()[0].get_ydata(), simulated["scale"])
+
+    figure = plot.thickness(refinement.thickness)
+    assert figure.axes[0].get_ylabel() == "thickness (Å)"
+    assert figure.axes[0].get_xlabel() == "α (°)"
+
+    figure = plot.f_obs_vs_f_calc(simulated)
+    points = figure.axes[0].get_lines()[0]
+    assert len(points.get_xdata()) == int(simulated["scored"].sum())
+    figure.savefig(tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_from_the_netcdf_file_and_into_given_axes(refinement, tmp_path) -> None:
+    path = refinement.write_results(tmp_path / "refinement.nc")
+    history = xr.load_dataset(path, group="history", engine="h5netcdf")
+    simulated = xr.load_dataset(path, group="simulated", engine="h5netcdf")
+    figure = Figure()
+    left, right = figure.subplots(1, 2)
+    assert plot.convergence(history, ax=left) is figure
+    assert plot.f_obs_vs_f_calc(simulated, ax=right) is figure
+    assert left.get_lines() and right.get_lines()
+
+
+def test_no_pyplot_state() -> None:
+    """The module never imports pyplot: no global figures, nothing shown twice in a notebook."""
+    assert (
+        "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
+    )
+    source = plot.__file__
+    with open(source) as handle:
+        assert "pyplot" not in handle.read().replace("without pyplot", "")
