@@ -20,6 +20,7 @@ from typing import Any
 from edkit.errors import EdkitError
 from edkit.examples import example_file
 from edkit.io.atomic import write_atomically
+from edkit.plot import FIGURES, write_figures
 from edkit.refine import checkpoint
 from edkit.refine.convergence import MAX_STEPS, Convergence
 from edkit.refine.lm import SHIFT_TOLERANCE
@@ -41,8 +42,8 @@ RESUME_FLAGS = ("command", "resume", "out", "quiet", "checkpoint_every")
 
 
 def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
-    """Run (or resume) a refinement with checkpoints; write refined.cif, report.json and
-    refinement.nc into the output folder. Returns the report and that folder."""
+    """Run (or resume) a refinement with checkpoints; write refined.cif, report.json,
+    refinement.nc and the figures into the output folder. Returns the report and that folder."""
     started = time.perf_counter()
     if args.resume is None:
         refinement, run, schedule, position, out = _start(args)
@@ -99,6 +100,7 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     text = json.dumps(_finite_or_none(report), indent=1)
     write_atomically(out / "report.json", lambda path: path.write_text(text))
     refinement.write_results(out / "refinement.nc")
+    write_figures(out / "refinement.nc", refinement.thickness, out)
     return report, out
 
 
@@ -224,7 +226,8 @@ def _print_report(report: dict, out: Path) -> None:
     print(f"  {'steps, seconds':18s} {report['steps']}, {report['seconds']}")
     for line in report.get("stages", []):
         print(f"  {line}")
-    print(f"wrote {out / 'refined.cif'}, {out / 'report.json'}, {out / 'refinement.nc'}")
+    print(f"wrote {out / 'refined.cif'}, {out / 'report.json'}, {out / 'refinement.nc'} and "
+          f"figures ({', '.join(FIGURES)}) in {out}")  # fmt: skip
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:

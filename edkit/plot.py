@@ -15,12 +15,18 @@ R-factors are shown in %.
     plot.f_obs_vs_f_calc(refinement.simulated())
 """
 
+from pathlib import Path
+
 import numpy as np
 import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-__all__ = ["convergence", "f_obs_vs_f_calc", "frames", "thickness"]
+from edkit.io.atomic import write_atomically
+
+__all__ = ["FIGURES", "convergence", "f_obs_vs_f_calc", "frames", "thickness", "write_figures"]
+#: The PNG files :func:`write_figures` writes.
+FIGURES = ("convergence.png", "frames.png", "thickness.png", "f_obs_vs_f_calc.png")
 
 
 def _axes(ax: Axes | None, size: tuple[float, float] = (6.0, 3.6)) -> Axes:
@@ -132,3 +138,31 @@ def f_obs_vs_f_calc(simulated: xr.Dataset, ax: Axes | None = None) -> Figure:
     ax.set_aspect("equal")
     ax.set_title(f"{int(scored.sum())} scored reflections")
     return _figure(ax)
+
+
+def write_figures(
+    results: str | Path, thickness_values: xr.DataArray, out: str | Path
+) -> list[Path]:
+    """The four figures as PNG files in ``out`` (each written whole or not at all), drawn from
+    ``results`` (a ``refinement.nc`` of :meth:`~edkit.Refinement.write_results`) and the
+    refinement's ``thickness``; what ``edkit refine`` writes beside its report. Returns the paths.
+    """
+    with (
+        xr.open_dataset(results, group="history", engine="h5netcdf") as history,
+        xr.open_dataset(results, group="simulated", engine="h5netcdf") as simulated,
+    ):
+        drawn = (
+            convergence(history),
+            frames(simulated),
+            thickness(thickness_values),
+            f_obs_vs_f_calc(simulated),
+        )
+        figures = dict(zip(FIGURES, drawn, strict=True))
+    paths = []
+    for name, figure in figures.items():
+
+        def save(path: Path, figure: Figure = figure) -> None:
+            figure.savefig(path, format="png", dpi=120)
+
+        paths.append(write_atomically(Path(out) / name, save))
+    return paths

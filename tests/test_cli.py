@@ -15,6 +15,7 @@ import xarray as xr
 
 from edkit.cli import main
 from edkit.io.cif import read_cif, write_cif
+from edkit.plot import FIGURES
 
 REPORT_KEYS = (
     "r_obs_mean_frame", "r_obs", "r_all", "wr_obs", "wr_all", "gof",
@@ -89,6 +90,8 @@ def test_refine_writes_a_cif_and_netcdf(run) -> None:
         for name in ("I_obs", "sigma", "h", "k", "l", "frame_id"):
             assert name in simulated
         assert simulated.sizes["frame"] == 3
+    for name in FIGURES:  # the figures of edkit.plot beside the report
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_wrong_cell_exit_code_2(files, tmp_path, capsys) -> None:
