@@ -20,11 +20,11 @@ from typing import Any
 from edkit.errors import EdkitError
 from edkit.examples import example_file
 from edkit.io.atomic import write_atomically
-from edkit.plot import FIGURES, write_figures
 from edkit.refine import checkpoint
 from edkit.refine.convergence import MAX_STEPS, Convergence
 from edkit.refine.lm import SHIFT_TOLERANCE
 from edkit.refine.options import CHOICES, RefinementOptions, options_from, parse_memory
+from edkit.refine.results import finite_or_none
 from edkit.refine.schedule import (
     CHECKPOINT_SECONDS,
     Checkpointer,
@@ -97,9 +97,11 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     report["structure"], report["data"] = run.get("structure"), run.get("data")
     if args.resume is not None:
         report["resumed_from"] = str(args.resume_folder)
-    text = json.dumps(_finite_or_none(report), indent=1)
+    text = json.dumps(finite_or_none(report), indent=1)
     write_atomically(out / "report.json", lambda path: path.write_text(text))
     refinement.write_results(out / "refinement.nc")
+    from edkit.plot import write_figures  # matplotlib only when there is something to draw
+
     write_figures(out / "refinement.nc", refinement.thickness, out)
     return report, out
 
@@ -207,14 +209,6 @@ class _Stopped(Exception):
         )
 
 
-def _finite_or_none(report: dict) -> dict:
-    """NaN (an undefined figure, e.g. GoF with N_obs ≤ N_par) as JSON null, not invalid NaN."""
-    return {
-        key: None if isinstance(value, float) and value != value else value
-        for key, value in report.items()
-    }
-
-
 def _print_report(report: dict, out: Path) -> None:
     keys = ("r_obs_mean_frame", "r_obs", "r_all", "wr_obs", "wr_all", "gof")
     print("figures of merit (fractions; Jana on |F| over scored reflections, and diffBloch's")
@@ -227,7 +221,7 @@ def _print_report(report: dict, out: Path) -> None:
     for line in report.get("stages", []):
         print(f"  {line}")
     print(f"wrote {out / 'refined.cif'}, {out / 'report.json'}, {out / 'refinement.nc'} and "
-          f"figures ({', '.join(FIGURES)}) in {out}")  # fmt: skip
+          "the figures (convergence, frames, thickness, F_obs vs F_calc; PNG)")  # fmt: skip
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:

@@ -136,6 +136,14 @@ def thickness_map_array(x: Any, y: Any, h: Any) -> xr.DataArray:
     )  # fmt: skip
 
 
+def finite_or_none(report: dict[str, Any]) -> dict[str, Any]:
+    """NaN (an undefined figure, e.g. GoF with N_obs ≤ N_par) as JSON null, not invalid NaN."""
+    return {
+        key: None if isinstance(value, float) and value != value else value
+        for key, value in report.items()
+    }
+
+
 def cif_figures(report: dict[str, Any]) -> dict[str, Any]:
     """The refined CIF's figures of merit from :meth:`Refinement.report`."""
     return {
