@@ -300,11 +300,8 @@ def _check(name: str, value: Any) -> None:
             if not (_is_real(rate) and rate >= 0):
                 raise EdkitError(f"learning_rates[{group!r}] = {rate!r}: expected a rate ≥ 0")
     elif name in CHOICES:
-        try:
-            known = isinstance(value, str) and value in CHOICES[name]
-        except (TypeError, ValueError):  # an array or other odd value: not a choice
-            known = False
-        if not known and not (value is None and None in CHOICES[name]):
+        # Strings only: `array in tuple` would raise numpy's ambiguous-truth error.
+        if not (isinstance(value, str) and value in CHOICES[name]):
             raise EdkitError(f"{name} = {value!r}: expected one of {CHOICES[name]}")
     else:
         test, expected = _CHECKS[name]

@@ -148,6 +148,12 @@ def check_inputs(crystal: Any, dataset: Any) -> None:
         )
 
 
+def _hkl_frame(dataset: xr.Dataset, i: int) -> str:
+    """'hkl h k l, frame f' of reflection ``i``, for messages."""
+    hkl = " ".join(str(int(dataset[c].values[i])) for c in ("h", "k", "l"))
+    return f"hkl {hkl}, frame {int(dataset['frame_id'].values[i])}"
+
+
 def check_observations(dataset: xr.Dataset) -> None:
     """Refuse observations a refinement cannot use: a non-finite I_obs or σ, or a negative σ
     (a dataset changed in Python after reading; the PETS reader refuses them in files).
@@ -162,11 +168,9 @@ def check_observations(dataset: xr.Dataset) -> None:
         bad = ~np.isfinite(values) | ((values < 0) if name == "sigma" else False)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            hkl = " ".join(str(int(dataset[c].values[i])) for c in ("h", "k", "l"))
             raise EdkitError(
-                f"{source}: {name} of reflection {i} (hkl {hkl}, frame "
-                f"{int(dataset['frame_id'].values[i])}) is {values[i]!r}; {int(bad.sum())} "
-                f"reflection(s) have a {name} that is "
+                f"{source}: {name} of reflection {i} ({_hkl_frame(dataset, i)}) is "
+                f"{values[i]!r}; {int(bad.sum())} reflection(s) have a {name} that is "
                 + ("not finite or negative" if name == "sigma" else "not finite")
             )
 
@@ -184,12 +188,11 @@ def check_problem_data(problem: Problem, dataset: xr.Dataset) -> None:
             bad = ~np.isfinite(values)
             if bad.any():
                 i = int(index[real][np.flatnonzero(bad)[0]])
-                hkl = " ".join(str(int(dataset[c].values[i])) for c in ("h", "k", "l"))
                 field = "I_obs" if name == "i_obs" else "sigma"
                 raise EdkitError(
                     f"the refinement's copy of {field} became non-finite after its set-up "
-                    f"(reflection {i}, hkl {hkl}, frame {int(dataset['frame_id'].values[i])}: "
-                    f"{values[bad][0]!r}); stopped at the best state"
+                    f"(reflection {i}, {_hkl_frame(dataset, i)}: {values[bad][0]!r}); stopped "
+                    "at the best state"
                 )
 
 
