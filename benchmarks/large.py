@@ -23,6 +23,12 @@ own process (peak memory is its own), each adding one step to the previous one:
 * ``real``: borane is centrosymmetric (Pccn, inversion at the origin): real potentials and real
   symmetric solves (edkit's default for such crystals), float64;
 * ``real-single``: ``real`` with float32 solves (``solve_dtype=complex64``);
+* ``runs`` (not in the default list): ``real`` with each frame's sub-orientations in
+  ``--segments`` runs, each solving only its own beams (``build_frame_setup(segments=...)``);
+* ``real-wide``, ``runs-wide`` (not in the default list): ``real`` and ``runs`` with twice the
+  exact window (|S_g| ≤ 0.01 Å⁻¹). Every method's scored intensities are compared with
+  ``real-wide``'s when it ran (``vs wide %``: Σ|ΔI| / ΣI over the reflections both score), else
+  with the first method's;
 * ``refine-step`` (not in the default list): ``edkit.Refinement(crystal, dataset, g_max=...)``
   with default options (its construction, i.e. planning and the thickness grid search, timed
   separately), then ``step()`` twice: the first compiles, the second is the epoch. Prints the
@@ -146,18 +152,21 @@ def measure(method: str, args) -> dict:
         return measure_refine_step(args)
     crystal = _crystal(args)
     data = _dataset(args)
-    shared = method in ("shared", "real", "real-single")
+    shared = method in ("shared", "real", "real-single", "runs", "real-wide", "runs-wide")
+    solves_real = method.startswith(("real", "runs"))
+    sg_max = 2 * SG_MAX if method.endswith("-wide") else SG_MAX
     if method == "exact":
         data = edkit.select_frames(data, slice(0, None, max(1, args.frames // args.exact_frames)))
         setup = build_frame_setup(crystal, data, g_max=args.g_max, sg_max=SG_WEAK, n_sub=args.n_sub)
     else:
         setup = build_frame_setup(
-            crystal, data, g_max=args.g_max, sg_max=SG_MAX, sg_weak=SG_WEAK, n_sub=args.n_sub,
+            crystal, data, g_max=args.g_max, sg_max=sg_max, sg_weak=SG_WEAK, n_sub=args.n_sub,
             bethe_terms=args.bethe_terms if shared else None,
+            segments=args.segments if method.startswith("runs") else 1,
         )  # fmt: skip
     options = {
         "solve_dtype": jnp.complex64 if method == "real-single" else None,
-        "real_potential": method.startswith("real"),
+        "real_potential": solves_real,
         "batch_size": 1 if shared else 8,
     }
     remat = "eigensystems" if shared else True
@@ -187,9 +196,16 @@ def measure(method: str, args) -> dict:
         jax.block_until_ready(epoch(params, thickness))
         t_forward = best_time(lambda: forward(params, thickness), args.repeats)
         t_epoch = best_time(lambda: epoch(params, thickness), args.repeats)
+        i_calc = reflection_intensities(setup, forward(params, thickness)[:, 0, :])
+    np.savez(_intensity_file(args, method), i_calc=np.asarray(i_calc), scored=setup.scored)
     sizes = np.concatenate(
         [np.full(len(b), s) for b, s in zip(setup.buckets, setup.bucket_sizes, strict=True)]
     )
+    if setup.segments is not None:  # the runs' padded sizes: what the solves pay
+        runs = setup.segments
+        sizes = np.concatenate(
+            [np.full(len(b), s) for b, s in zip(setup.buckets, runs.sizes, strict=True)]
+        )
     scale = args.frames / setup.n_frames  # exact: extrapolate to all frames
     return {
         "method": method,
@@ -205,7 +221,21 @@ def measure(method: str, args) -> dict:
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "compile_peak_mb": compile_peak,
         "n_scored": int(setup.scored.sum()),
+        "run_beams": None if setup.segments is None else float(setup.segments.n_beams.mean()),
     }
+
+
+def _intensity_file(args, method: str) -> str:
+    return f"{args.cache}.{method}.npz"
+
+
+def _difference_percent(args, method: str, reference: str) -> float:
+    """Σ|I − I_ref| / ΣI_ref (%) over the reflections both methods score."""
+    this, ref = (np.load(_intensity_file(args, m)) for m in (method, reference))
+    if this["scored"].shape != ref["scored"].shape:  # exact: timed on a subset of frames
+        return float("nan")
+    both = this["scored"] & ref["scored"]
+    return 100.0 * np.abs(this["i_calc"] - ref["i_calc"])[both].sum() / ref["i_calc"][both].sum()
 
 
 def _peak_mb() -> float:
@@ -310,6 +340,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", default="exact,bethe,shared,real,real-single")
     parser.add_argument("--bethe-terms", type=int, default=12)
+    parser.add_argument("--segments", type=int, default=6, help="runs per frame (runs methods)")
     parser.add_argument("--cache", help="netCDF of the simulated series (default: in TMPDIR)")
     parser.add_argument(
         "--paper-settings", action="store_true",
@@ -350,7 +381,7 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]  # "": simulate and count only
     command_args = ["--case", args.case, "--g-max", str(args.g_max), "--semiangle"]
     command_args += [str(args.semiangle)] + (["--n-sub", str(args.n_sub)] if explicit_n_sub else [])
-    for key in ("frames", "exact_frames", "repeats", "cache", "bethe_terms"):
+    for key in ("frames", "exact_frames", "repeats", "cache", "bethe_terms", "segments"):
         command_args += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if "pipeline" in methods:
         methods.remove("pipeline")
@@ -372,13 +403,17 @@ def main() -> None:
         return
     print(
         f"{'method':13} {'solves':>6} {'size':>5} {'weak':>5} {'fwd s':>8} {'epoch s':>8} "
-        f"{'ep/fwd':>6} {'vs exact':>8} {'vs prev':>7} {'peak MB':>8} {'compile MB':>10}  note"
+        f"{'ep/fwd':>6} {'vs first':>8} {'vs prev':>7} {'peak MB':>8} {'compile MB':>10} "
+        f"{'vs wide %':>9}  note"
     )
     first = previous = None
+    rows = {}
     for method in methods:
         command = [sys.executable, __file__, "--one", method, *command_args]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        row = json.loads(out.strip().splitlines()[-1])
+        rows[method] = json.loads(out.strip().splitlines()[-1])
+    reference = "real-wide" if "real-wide" in rows else methods[0]
+    for method, row in rows.items():
         first = first or row
         note = (
             f"timed on {row['frames_timed']} frames, scaled"
@@ -390,7 +425,8 @@ def main() -> None:
             f"{row['forward']:8.2f} {row['epoch']:8.2f} {row['epoch'] / row['forward']:6.2f} "
             f"{first['epoch'] / row['epoch']:8.2f} "
             f"{(previous or row)['epoch'] / row['epoch']:7.2f} {row['peak_mb']:8.0f} "
-            f"{row['compile_peak_mb']:10.0f}  {note}",
+            f"{row['compile_peak_mb']:10.0f} {_difference_percent(args, method, reference):9.3f}"
+            f"  {note}",
             flush=True,
         )
         previous = row

@@ -92,6 +92,10 @@ class RefinementOptions:
     n_sub: int | None = field(default=None, metadata=_meta(
         cli="--n-sub", none="from the rocking width and mosaicity, 0.05° apart",
         help="sub-orientations per frame"))
+    segments: int = field(default=1, metadata=_meta(
+        cli="--segments",
+        help="split each frame's sub-orientations into this many runs, each solving only its "
+        "own beams (fewer, cheaper solves for large frames; 1: the frame's beams throughout)"))
     tilt_weights: tuple[float, ...] | None = field(default=None, metadata=_meta(
         cli=None, units="1", none="uniform (each sub-orientation its slice of the rocking range)",
         help="relative weights of a frame's n_sub sub-orientations, shared by every frame "
@@ -249,6 +253,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "sg_weak": (lambda v: v is None or _positive(v), "an excitation error > 0 Å⁻¹ or None"),
     "bethe_terms": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer ≥ 1 or None"),
     "n_sub": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer ≥ 1 or None"),
+    "segments": (lambda v: _is_int(v) and v >= 1, "an integer ≥ 1"),
     "tilt_weights": (
         lambda v: v is None or (isinstance(v, tuple) and len(v) >= 1
                                 and all(_is_real(w) and w >= 0 for w in v) and sum(v) > 0),

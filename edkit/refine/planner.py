@@ -150,6 +150,13 @@ def setup_bytes(setup: FrameSetup) -> float:
     tables = setup.coupling.nbytes + setup.hkl.nbytes
     if setup.coupling_out is not None and setup.coupling_in is not None:
         tables += setup.coupling_out.nbytes + setup.coupling_in.nbytes
+    if setup.segments is not None:
+        runs = setup.segments
+        tables += sum(
+            x.nbytes
+            for x in (runs.beam, runs.coupling, runs.weak_hkl, runs.coupling_out, runs.coupling_in)
+            if x is not None
+        )
     f_arrays = setup.differences.shape[0] * (16 * 8 + 24)  # F, its cotangents, tangents, hkl
     return 2.0 * tables + f_arrays
 

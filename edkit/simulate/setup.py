@@ -29,6 +29,7 @@ from edkit.physics.rocking import LAB_BEAM, sub_orientation_angles, sub_orientat
 from edkit.physics.structure import centric_at_origin, structure_params, structure_tables
 from edkit.schema import cell_parameters
 from edkit.simulate.pattern import mean_inner_potential
+from edkit.simulate.segments import SegmentTables, allocate_tables, check_segments, run_selection
 
 DEFAULT_SG_MAX = 0.015  # Å⁻¹
 DEFAULT_SUB_STEP = 0.05  # degrees between sub-orientations
@@ -88,6 +89,7 @@ class FrameSetup:
     coupling_out: np.ndarray | None = None
     coupling_in: np.ndarray | None = None
     weak_sizes: tuple[int, ...] = ()
+    segments: SegmentTables | None = None
 
     @property
     def n_frames(self) -> int:
@@ -143,6 +145,7 @@ def build_frame_setup(
     sg_weak: float | None = None,
     bethe_terms: int | None = None,
     prune_centring: bool = True,
+    segments: int = 1,
 ) -> FrameSetup:
     """Plan the simulation of every frame of ``dataset`` (see :class:`FrameSetup`).
 
@@ -166,6 +169,10 @@ def build_frame_setup(
         the strong and weak beams: they couple to no allowed beam, so no intensity changes, only
         the cost (observed reflections at such positions are then not simulated: refl_beam −1).
         Screw and glide absences always stay (double diffraction excites them).
+      segments: split each frame's sub-orientations into this many equal runs, each solving
+        only the beams within ``sg_max`` (and Bethe beams within ``sg_weak``) over the run
+        (:mod:`edkit.simulate.segments`); 1: every sub-orientation solves the frame's beams.
+        A default ``n_sub`` is rounded up to a multiple of it.
     """
     check_cell(crystal, dataset)
     for name, value in (("g_max", g_max), ("sg_max", sg_max), ("rsg", rsg), ("dsg", dsg)):
@@ -179,10 +186,12 @@ def build_frame_setup(
     semiangles = dataset["semiangle"].values * deg
     if mosaicity is None:
         mosaicity = float(dataset["mosaicity"]) if "mosaicity" in dataset else 0.0
+    n_sub_given = n_sub is not None
     if n_sub is None:
         n_sub = int(np.ceil(2 * (semiangles.max() / deg + 2.5 * mosaicity) / DEFAULT_SUB_STEP)) + 1
     if n_sub < 1:
         raise EdkitError(f"n_sub = {n_sub!r}: expected at least 1 sub-orientation per frame")
+    n_sub = check_segments(segments, n_sub, n_sub_given)
     voltage = float(dataset["voltage"])
     with jax.enable_x64(True):
         u0 = float(
@@ -206,6 +215,8 @@ def build_frame_setup(
     g_candidates = candidates @ reciprocal
     g_half_squared = np.einsum("ij,ij->i", g_candidates, g_candidates) / (2.0 * k_mag)
     frame_beams, frame_weak = [], []
+    run_positions: list[list[np.ndarray]] = []
+    run_weak: list[list[np.ndarray]] = []
     for rotation, frame_angles in zip(rotations, angles, strict=True):
         k_hats = np.stack(
             [(rotation_x(phi, xp=np) @ rotation).T @ LAB_BEAM for phi in frame_angles]
@@ -218,6 +229,10 @@ def build_frame_setup(
         frame_beams.append(candidates[keep])
         if sg_weak is not None:
             frame_weak.append(candidates[~keep & (closest <= sg_weak)])
+        if segments > 1:
+            positions, weak = run_selection(np.abs(s), keep, segments, sg_max, sg_weak)
+            run_positions.append(positions)
+            run_weak.append([candidates[w] for w in weak] if weak is not None else [])
     sizes = np.array([max(bucket_size(len(b)), pad_to or 0) for b in frame_beams])
     hkl, valid = _padded(frame_beams, int(sizes.max()))
     weak_hkl = weak_valid = None
@@ -228,10 +243,28 @@ def build_frame_setup(
             bucket_size(max(1, int(weak_valid[sizes == size].sum(axis=1).max())))
             for size in np.unique(sizes)
         )
+    buckets = tuple(np.nonzero(sizes == size)[0] for size in np.unique(sizes))
+    segment_tables = None
+    extra_pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    extra_out: list[np.ndarray] = []
+    if segments > 1:
+        segment_tables, extra_pairs, extra_out = allocate_tables(
+            frame_beams, run_positions, run_weak if sg_weak is not None else None, buckets,
+            bucket_size,
+        )  # fmt: skip
     differences, coupling, coupling_out, coupling_in = _coupling_indices(
         frame_beams, frame_weak if sg_weak is not None else None, hkl.shape[1],
-        None if weak_hkl is None else weak_hkl.shape[1],
+        None if weak_hkl is None else weak_hkl.shape[1], extra_pairs, extra_out,
     )  # fmt: skip
+    if segment_tables is not None:
+        padding = int(np.nonzero((differences == 0).all(axis=1))[0][0])  # 000, as above
+        for index in (
+            segment_tables.coupling,
+            segment_tables.coupling_out,
+            segment_tables.coupling_in,
+        ):
+            if index is not None:
+                np.copyto(index, padding, where=index < 0)
 
     # Observed reflections: their frame, their beam, S at the frame centre and Klar's test.
     frame_ids = dataset["frame"].values
@@ -264,13 +297,14 @@ def build_frame_setup(
         scored=scored,
         voltage=voltage,
         wave_number=k_mag,
-        buckets=tuple(np.nonzero(sizes == size)[0] for size in np.unique(sizes)),
+        buckets=buckets,
         bucket_sizes=tuple(int(size) for size in np.unique(sizes)),
         weak_hkl=weak_hkl,
         weak_valid=weak_valid,
         coupling_out=coupling_out,
         coupling_in=coupling_in,
         weak_sizes=weak_sizes,
+        segments=segment_tables,
         settings={
             "g_max": float(g_max),
             "sg_max": float(sg_max),
@@ -282,6 +316,7 @@ def build_frame_setup(
             "dsg": float(dsg),
             "mosaicity": float(mosaicity),
             "prune_centring": int(prune_centring),  # 0/1: netCDF attrs
+            "segments": int(segments),
         },
     )
 
@@ -291,13 +326,16 @@ def _coupling_indices(
     frame_weak: list[np.ndarray] | None,
     size: int,
     weak_size: int | None,
+    extra_pairs: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    extra_out: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Every distinct h_j − h_i between the beams of a frame, and per frame its index.
 
     Frame by frame over the real beams only (padding points at 000 and is masked anyway), with
     :func:`edkit.physics.beams.index_differences` (a dense table over the hkl box, no sort)
     writing straight into the padded arrays, so the working memory stays that of one frame's
-    n² + 2·n·n_w pairs.
+    n² + 2·n·n_w pairs. ``extra_pairs`` (with their ``extra_out`` views, −1 where padding) are
+    numbered in the same list (the segments' tables; their padding is the caller's).
 
     Returns:
       differences (m, 3) sorted lexicographically; coupling (n_f, size, size) int32 for h_j − h_i;
@@ -321,11 +359,14 @@ def _coupling_indices(
             n_w = len(frame_weak[f])
             pairs += [(beams, frame_weak[f]), (frame_weak[f], beams)]
             out += [coupling_out[f, :n, :n_w], coupling_in[f, :n_w, :n]]
+    pairs += extra_pairs or []
+    out += extra_out or []
     differences, _ = index_differences(pairs, out)
     padding = int(zero_index[0, 0])
     for index in (coupling, coupling_out, coupling_in):
         if index is not None:
             np.copyto(index, padding, where=index < 0)
+
     return differences, coupling, coupling_out, coupling_in
 
 

@@ -79,7 +79,11 @@ class FrameArrays(NamedTuple):
     Attributes: rotations (c, 3, 3); angles, weights (c, n_s); hkl (c, n, 3) int; valid (c, n);
     coupling (c, n, n) int32 indices into ``setup.differences``; weak_hkl (c, n_w, 3),
     weak_valid (c, n_w), coupling_out (c, n, n_w), coupling_in (c, n_w, n), or None without
-    Bethe beams. See :class:`~edkit.simulate.setup.FrameSetup` for their meaning.
+    Bethe beams. See :class:`~edkit.simulate.setup.FrameSetup` for their meaning. With segments
+    (S runs of m beams, m_w weak; :class:`~edkit.simulate.segments.SegmentTables`):
+    segment_beam (c, S, m), segment_valid (c, S, m), segment_coupling (c, S, m, m), and with
+    Bethe beams segment_weak_hkl (c, S, m_w, 3), segment_weak_valid (c, S, m_w),
+    segment_coupling_out (c, S, m, m_w), segment_coupling_in (c, S, m_w, m); else None.
     """
 
     rotations: Any
@@ -92,6 +96,13 @@ class FrameArrays(NamedTuple):
     weak_valid: Any = None
     coupling_out: Any = None
     coupling_in: Any = None
+    segment_beam: Any = None
+    segment_valid: Any = None
+    segment_coupling: Any = None
+    segment_weak_hkl: Any = None
+    segment_weak_valid: Any = None
+    segment_coupling_out: Any = None
+    segment_coupling_in: Any = None
 
 
 def frame_arrays(
@@ -108,6 +119,24 @@ def frame_arrays(
         setup.valid[frames, :size],
         setup.coupling[frames, :size, :size],
     )
+    runs = setup.segments
+    if runs is not None:
+        bucket = setup.bucket_sizes.index(size) if setup.bucket_sizes else 0
+        m = runs.sizes[bucket]
+        arrays = arrays._replace(
+            segment_beam=runs.beam[frames, :, :m],
+            segment_valid=runs.valid[frames, :, :m],
+            segment_coupling=runs.coupling[frames, :, :m, :m],
+        )
+        if runs.weak_hkl is not None and runs.weak_valid is not None and weak_size is not None:
+            assert runs.coupling_out is not None and runs.coupling_in is not None
+            m_w = runs.weak_sizes[bucket]
+            arrays = arrays._replace(
+                segment_weak_hkl=runs.weak_hkl[frames, :, :m_w],
+                segment_weak_valid=runs.weak_valid[frames, :, :m_w],
+                segment_coupling_out=runs.coupling_out[frames, :, :m, :m_w],
+                segment_coupling_in=runs.coupling_in[frames, :, :m_w, :m],
+            )
     if (
         setup.weak_hkl is None
         or setup.weak_valid is None
@@ -174,33 +203,57 @@ def stack_frames(
     solve_dtype = None if config.solve_dtype is None else jnp.dtype(config.solve_dtype)
     reciprocal = jnp.asarray(reciprocal)
 
+    has_runs = arrays.segment_beam is not None
+    has_run_weak = arrays.segment_weak_hkl is not None
+
+    def weak_beams(weak_hkl, weak_valid, coupling_out, coupling_in, f_values, kappa):
+        potential_out = prefactor * f_values.at[coupling_out].get(mode="promise_in_bounds")
+        potential_in = prefactor * f_values.at[coupling_in].get(mode="promise_in_bounds")
+        return WeakBeams(
+            weak_hkl.astype(reciprocal.dtype) @ reciprocal,
+            weak_valid,
+            potential_out,
+            potential_in,
+            kappa * potential_out if absorbing else None,
+            kappa * potential_in if absorbing else None,
+        )
+
+    def intensities(k_hats, weights, hkl, valid, coupling, weak_arrays, t, shared, sub_batch):
+        f_values, wave_number, kappa = shared
+        potential = prefactor * f_values.at[coupling].get(mode="promise_in_bounds")
+        weak = None if weak_arrays is None else weak_beams(*weak_arrays, f_values, kappa)
+        return frame_intensities(
+            k_hats, weights, hkl.astype(reciprocal.dtype) @ reciprocal, valid, potential,
+            wave_number, t, kappa * potential if absorbing else None, config.absorption_method,
+            solve_dtype, weak, config.bethe_terms, sub_batch,
+        )  # fmt: skip
+
     def one_frame(inputs, shared, sub_batch):
         rotation, angles, weights, hkl, valid, coupling, t, correction = inputs[:8]
-        f_values, wave_number, kappa = shared
         rotation = small_rotation(correction) @ rotation
         k_hats = jax.vmap(lambda phi: (rotation_x(phi) @ rotation).T @ jnp.asarray(LAB_BEAM))(
             angles
         )
-        potential = prefactor * f_values.at[coupling].get(mode="promise_in_bounds")
-        absorptive = kappa * potential if absorbing else None
-        g_cart = hkl.astype(reciprocal.dtype) @ reciprocal
-        weak = None
-        if has_weak:
-            weak_hkl, weak_valid, coupling_out, coupling_in = inputs[8:]
-            potential_out = prefactor * f_values.at[coupling_out].get(mode="promise_in_bounds")
-            potential_in = prefactor * f_values.at[coupling_in].get(mode="promise_in_bounds")
-            weak = WeakBeams(
-                weak_hkl.astype(reciprocal.dtype) @ reciprocal,
-                weak_valid,
-                potential_out,
-                potential_in,
-                kappa * potential_out if absorbing else None,
-                kappa * potential_in if absorbing else None,
-            )
-        return frame_intensities(
-            k_hats, weights, g_cart, valid, potential, wave_number, t, absorptive,
-            config.absorption_method, solve_dtype, weak, config.bethe_terms, sub_batch,
+        weak_arrays = inputs[8:12] if has_weak else None
+        if not has_runs:
+            return intensities(k_hats, weights, hkl, valid, coupling, weak_arrays, t, shared,
+                               sub_batch)  # fmt: skip
+        runs = inputs[12:] if has_weak else inputs[8:]
+        n_runs = runs[0].shape[0]
+
+        def one_run(run):
+            k_run, w_run, beam, run_valid, run_coupling = run[:5]
+            out = intensities(
+                k_run, w_run, hkl[beam], run_valid, run_coupling,
+                run[5:] if has_run_weak else None, t, shared, sub_batch,
+            )  # fmt: skip
+            # The run's rocking-curve sum joins the frame's beams (padding adds zeros at 000).
+            return jnp.zeros((t.shape[0], hkl.shape[0]), out.dtype).at[:, beam].add(out)
+
+        run_inputs = (
+            k_hats.reshape(n_runs, -1, 3), weights.reshape(n_runs, -1), *runs
         )  # fmt: skip
+        return jax.lax.map(one_run, run_inputs).sum(axis=0)
 
     if config.remat not in (False, True, "eigensystems"):
         raise EdkitError(f"remat = {config.remat!r}: expected True, False or 'eigensystems'")
@@ -209,8 +262,10 @@ def stack_frames(
         policy = bloch.KEEP_EIGENSYSTEMS if config.remat == "eigensystems" else None
         frame_function = jax.checkpoint(one_frame, policy=policy, static_argnums=(2,))
 
-    n_frames, size = arrays.hkl.shape[0], arrays.hkl.shape[1]
-    sub_batch = sub_batch_size(n_frames, size, arrays.angles.shape[1], config.batch_size)
+    n_frames, size, n_sub = arrays.hkl.shape[0], arrays.hkl.shape[1], arrays.angles.shape[1]
+    if has_runs:  # each run solves its own m beams over n_sub / S sub-orientations
+        size, n_sub = arrays.segment_beam.shape[2], n_sub // arrays.segment_beam.shape[1]
+    sub_batch = sub_batch_size(n_frames, size, n_sub, config.batch_size)
 
     def map_frames(shared, *inputs):
         return jax.lax.map(
@@ -219,7 +274,9 @@ def stack_frames(
 
     inputs: tuple[Any, ...] = (*arrays[:6], thickness, corrections)
     if has_weak:
-        inputs = (*inputs, *arrays[6:])
+        inputs = (*inputs, *arrays[6:10])
+    if has_runs:
+        inputs = (*inputs, *(x for x in arrays[10:] if x is not None))
     inputs = tuple(jnp.asarray(x) for x in inputs)
     if config.devices > 1:
         return _sharded(map_frames, tuple(pot), inputs, config.devices)

@@ -144,7 +144,7 @@ def _eigensystems(
     sub_batch = _sub_batch_size(n_frames, size, arrays.angles.shape[1], config.batch_size)
     inputs: tuple = (*arrays[:2], *arrays[3:6], rows)
     if arrays.weak_hkl is not None:
-        inputs = (*inputs, *arrays[6:])
+        inputs = (*inputs, *arrays[6:10])  # the frame's beams (runs are not used here)
     return jax.lax.map(
         lambda x: _frame_eigensystems(x, tuple(pot), reciprocal, config, sub_batch),
         tuple(jnp.asarray(x) for x in inputs),

@@ -1,0 +1,169 @@
+"""Segments: a frame's sub-orientations in contiguous runs, each solved with its own beams.
+
+A frame's beam list is the union over its whole rotation: at g = 2 Å⁻¹ a 3° frame sweeps the
+excitation error over 0.1 Å⁻¹, twenty times the ±0.005 Å⁻¹ a beam needs to be solved exactly, so
+most of a large frame's beams are far from the Ewald sphere at any one sub-orientation. With
+``segments`` = S, the n_sub sub-orientations are split into S runs of n_sub/S; each run solves
+only the beams whose smallest |S_g| *over the run* is within ``sg_max`` (its Bethe beams
+likewise over the run), and its rocking-curve sum is added into the frame's beam list. The
+eigendecompositions shrink from the frame's n to the run's m beams (cost ∝ m³): on a
+CsPbBr₃-sized frame (g_max 2.3 Å⁻¹, θ = 1.47°) six runs solve 379 instead of 936 beams at
+sg_max = 0.01 Å⁻¹ (``benchmarks/large.py``; accuracy in the README).
+
+A beam outside a run's exact set contributes nothing there: its intensity in that run is taken
+as zero (a Bethe beam is folded into the others' coupling, not simulated). That is the
+approximation; the frame's exact set is the union of its runs' sets, so the frame's observed
+reflections keep their places.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edkit.errors import EdkitError
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentTables:
+    """Per frame and run, the run's beams (n_f frames, S runs, m beams, m_w weak beams, padded).
+
+    Attributes:
+      beam: position of each of the run's beams in the frame's beam list (``setup.hkl``), int32,
+        (n_f, S, m); padding rows point at 0 (000) and are masked by ``valid``.
+      valid: real (not padding) beams, bool, (n_f, S, m).
+      coupling: index into ``setup.differences`` of h_j − h_i, int32, (n_f, S, m, m).
+      weak_hkl, weak_valid: the run's Bethe beams, (n_f, S, m_w, 3) and (n_f, S, m_w), or None.
+      coupling_out, coupling_in: indices of h_w − h_i (n_f, S, m, m_w) and h_j − h_w
+        (n_f, S, m_w, m), or None.
+      sizes, weak_sizes: padded m and m_w of each bucket of frames (as ``setup.buckets``).
+    """
+
+    beam: np.ndarray
+    valid: np.ndarray
+    coupling: np.ndarray
+    weak_hkl: np.ndarray | None
+    weak_valid: np.ndarray | None
+    coupling_out: np.ndarray | None
+    coupling_in: np.ndarray | None
+    sizes: tuple[int, ...]
+    weak_sizes: tuple[int, ...]
+
+    @property
+    def n_beams(self) -> np.ndarray:
+        """Real beams of each frame's runs, (n_f, S)."""
+        return self.valid.sum(axis=2)
+
+
+def check_segments(segments: object, n_sub: int, n_sub_given: bool) -> int:
+    """The sub-orientation count to use with ``segments`` runs (a multiple of it).
+
+    Raises EdkitError when ``segments`` is not a positive integer, or when an ``n_sub`` the user
+    gave is not a multiple of it (a default n_sub is rounded up instead)."""
+    if not (isinstance(segments, int | np.integer) and not isinstance(segments, bool)) or (
+        segments < 1
+    ):
+        raise EdkitError(f"segments = {segments!r}: expected a positive integer")
+    if n_sub % segments == 0:
+        return n_sub
+    if n_sub_given:
+        raise EdkitError(
+            f"segments = {segments} does not divide n_sub = {n_sub}: every run must hold the "
+            f"same number of sub-orientations (use n_sub = {-(-n_sub // segments) * segments})"
+        )
+    return -(-n_sub // segments) * segments
+
+
+def run_selection(
+    abs_excitation: np.ndarray,
+    keep: np.ndarray,
+    segments: int,
+    sg_max: float,
+    sg_weak: float | None,
+) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Each run's exact beams (as positions in the frame's list) and Bethe beams (candidates).
+
+    Args:
+      abs_excitation: |S_g| of every candidate at every sub-orientation, Å⁻¹, (n_c, n_sub).
+      keep: the frame's exact beams among the candidates (candidate 0 is 000), bool, (n_c,).
+      segments: runs S (n_sub a multiple of it).
+      sg_max, sg_weak: as in ``build_frame_setup``, applied over each run.
+
+    Returns:
+      (positions, weak): S int arrays of positions in the frame list ``candidates[keep]``
+      (000 first); S int arrays of candidate indices of the run's Bethe beams, or None.
+    """
+    n_candidates = abs_excitation.shape[0]
+    closest = abs_excitation.reshape(n_candidates, segments, -1).min(axis=2)
+    position = np.cumsum(keep) - 1
+    positions, weak = [], []
+    for run in range(segments):
+        exact = closest[:, run] <= sg_max
+        exact[0] = True
+        positions.append(position[np.nonzero(exact & keep)[0]])
+        if sg_weak is not None:
+            weak.append(np.nonzero(~exact & (closest[:, run] <= sg_weak))[0])
+    return positions, (weak if sg_weak is not None else None)
+
+
+def allocate_tables(
+    frame_beams: list[np.ndarray],
+    run_positions: list[list[np.ndarray]],
+    run_weak: list[list[np.ndarray]] | None,
+    bucket_frames: tuple[np.ndarray, ...],
+    bucket_size: Callable[[int], int],
+) -> tuple[SegmentTables, list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
+    """Padded run tables and the (h_from, h_to) pairs whose difference indices fill them.
+
+    The coupling arrays hold −1 until :func:`edkit.physics.beams.index_differences` writes into
+    the returned views (``out``, one per pair) and the caller replaces what is left by the
+    index of 000 (padding).
+
+    Args:
+      frame_beams: each frame's exact beams (hkl, (n, 3)).
+      run_positions: per frame, per run, positions into that frame's beams.
+      run_weak: per frame, per run, the run's Bethe beams as hkl (m_w, 3), or None.
+      bucket_frames: frame positions of each bucket (``setup.buckets``).
+      bucket_size: the padding rule, int → int (``setup.bucket_size``).
+    """
+    n_f, segments = len(frame_beams), len(run_positions[0])
+    size = bucket_size(max(len(p) for runs in run_positions for p in runs))
+    beam = np.zeros((n_f, segments, size), np.int32)
+    valid = np.zeros((n_f, segments, size), bool)
+    coupling = np.full((n_f, segments, size, size), -1, np.int32)
+    weak_hkl = weak_valid = coupling_out = coupling_in = None
+    weak_size = 0
+    if run_weak is not None:
+        weak_size = bucket_size(max(1, max(len(w) for runs in run_weak for w in runs)))
+        weak_hkl = np.zeros((n_f, segments, weak_size, 3), np.int64)
+        weak_valid = np.zeros((n_f, segments, weak_size), bool)
+        coupling_out = np.full((n_f, segments, size, weak_size), -1, np.int32)
+        coupling_in = np.full((n_f, segments, weak_size, size), -1, np.int32)
+    pairs, out = [], []
+    for f, runs in enumerate(run_positions):
+        for r, positions in enumerate(runs):
+            m = len(positions)
+            beam[f, r, :m], valid[f, r, :m] = positions, True
+            hkl = frame_beams[f][positions]
+            pairs.append((hkl, hkl))
+            out.append(coupling[f, r, :m, :m])
+            if run_weak is not None:
+                assert weak_hkl is not None and weak_valid is not None
+                assert coupling_out is not None and coupling_in is not None
+                weak = run_weak[f][r]
+                m_w = len(weak)
+                weak_hkl[f, r, :m_w], weak_valid[f, r, :m_w] = weak, True
+                pairs += [(hkl, weak), (weak, hkl)]
+                out += [coupling_out[f, r, :m, :m_w], coupling_in[f, r, :m_w, :m]]
+    n_runs = valid.sum(axis=2)
+    sizes = tuple(bucket_size(int(n_runs[frames].max())) for frames in bucket_frames)
+    weak_sizes: tuple[int, ...] = ()
+    if weak_valid is not None:
+        n_weak = weak_valid.sum(axis=2)
+        weak_sizes = tuple(
+            bucket_size(max(1, int(n_weak[frames].max()))) for frames in bucket_frames
+        )
+    tables = SegmentTables(
+        beam, valid, coupling, weak_hkl, weak_valid, coupling_out, coupling_in, sizes, weak_sizes
+    )
+    return tables, pairs, out
