@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test test-slow test-benchmarks test-notebooks test-binder test-browser lint bench clean
+.PHONY: demo test test-slow test-benchmarks test-notebooks test-binder test-browser docs binder-badge lint bench clean
 
 # Seconds one notebook cell may run in test-notebooks / test-binder.
 NB_CELL_TIMEOUT ?= 600
@@ -42,9 +42,17 @@ test-slow: $(TEST_STAMP)
 test-benchmarks: $(TEST_STAMP)
 	$(PY) -m pytest -q -s -m benchmark
 
-# Execute every notebook in notebooks/ (fails on the first cell that raises).
+# Execute every notebook in notebooks/ (fails on the first cell that raises). NB_FLAGS=--overwrite
+# keeps the outputs in the notebooks (CI does, before make docs; locally it changes tracked files).
 test-notebooks: $(TEST_STAMP)
-	$(PY) -m pytest -q --nbmake --nbmake-timeout=$(NB_CELL_TIMEOUT) notebooks
+	$(PY) -m pytest -q --nbmake --nbmake-timeout=$(NB_CELL_TIMEOUT) $(NB_FLAGS) notebooks
+
+# The documentation site into build/site, warnings as errors, then a check that the API
+# reference lists every public name (scripts/check_docs.py).
+docs: $(STAMP)
+	$(PY) -m pip install -q -e '.[jupyter,docs]'
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+	$(PY) scripts/check_docs.py
 
 # A fresh venv from binder/requirements.txt + binder/postBuild, then notebooks 01 and 02 in it
 # (BINDER_NOTEBOOKS=all: every one; test-notebooks runs them all in .venv).
@@ -58,8 +66,12 @@ test-browser: $(TEST_STAMP)
 	@test -x /usr/bin/chromium || { apt-get update -q && apt-get install -y -q chromium; }
 	$(PY) -m pytest -q -m browser
 
+# The README's Binder badge from `git remote get-url origin` (scripts/binder_badge.py).
+binder-badge:
+	python3 scripts/binder_badge.py
+
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/kernel.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build/binder-venv build/binder-notebooks notebooks/output
+	rm -rf $(VENV) .pytest_cache build/binder-venv build/binder-notebooks build/site notebooks/output

@@ -116,3 +116,38 @@ def test_the_seven_notebooks_exist_and_the_readme_links_them():
         assert f"(notebooks/{name})" in readme, f"README does not link notebooks/{name}"
     assert "mybinder.org/v2/" in readme and "(docs/panel.png)" in readme
     assert (ROOT / "docs" / "panel.png").stat().st_size > 10_000
+
+
+def test_binder_badge_follows_the_git_remote(tmp_path) -> None:
+    """scripts/binder_badge.py reads a GitHub remote in both URL forms and rewrites only the
+    badge; without a GitHub remote it leaves the README alone."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location(
+        "binder_badge", ROOT / "scripts" / "binder_badge.py"
+    )
+    badge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(badge)
+    for remote in (
+        "https://github.com/ed-lab/edkit.git",
+        "git@github.com:ed-lab/edkit.git",
+        "https://github.com/ed-lab/edkit",
+    ):
+        assert badge.github_repository(remote) == ("ed-lab", "edkit"), remote
+    assert badge.github_repository("https://gitlab.com/ed-lab/edkit.git") is None
+    # A copy of the project with a remote: the badge follows it, the rest of the README stays.
+    copy = tmp_path / "repo"
+    (copy / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "binder_badge.py", copy / "scripts")
+    original = (ROOT / "README.md").read_text(encoding="utf-8")
+    (copy / "README.md").write_text(original, encoding="utf-8")
+    run = lambda *a: subprocess.run(a, cwd=copy, capture_output=True, text=True, check=True)  # noqa: E731
+    run("git", "init", "-q")
+    run("git", "remote", "add", "origin", "git@github.com:ed-lab/edkit.git")
+    run("python3", "scripts/binder_badge.py")
+    updated = (copy / "README.md").read_text(encoding="utf-8")
+    assert "https://mybinder.org/v2/gh/ed-lab/edkit/HEAD?urlpath=lab/tree/notebooks/" in updated
+    assert badge.BADGE.sub("X", updated) == badge.BADGE.sub("X", original)
+    run("python3", "scripts/binder_badge.py", "--check")

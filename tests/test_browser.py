@@ -215,3 +215,46 @@ def _drive(page, voila_url: str, tmp_path: Path) -> None:
         target = ROOT / "docs" / "panel.png"
         target.parent.mkdir(exist_ok=True)
         shutil.copyfile(screenshot, target)
+
+
+def test_html_report_opens_offline_in_chromium(data_dir, tmp_path):
+    """``report.html`` of a tiny ``edkit refine``: Chromium loads it from file:// with no
+    request beyond the file and its data: images, every image decodes, and the tables show."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium; make test-browser does)")
+    pytest.importorskip("playwright.sync_api", reason="the browser extra is missing")
+    from playwright.sync_api import sync_playwright
+
+    from edkit.cli import main
+
+    out = tmp_path / "out"
+    argv = [
+        "refine", "--structure", str(data_dir / "structures" / "quartz_kinematical.cif"),
+        "--data", str(data_dir / "pets" / "quartz_experimental.cif_pets"), "--out", str(out),
+        "--steps", "3", "--every", "11", "--n-sub", "9", "--g-max", "1.2", "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    page_url = (out / "report.html").as_uri()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            requests: list[str] = []
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(page_url)
+            page.wait_for_load_state("networkidle")
+            others = [u for u in requests if u != page_url and not u.startswith("data:")]
+            assert not others, others
+            decoded = page.evaluate(
+                "() => [...document.images].map(i => i.complete && i.naturalWidth > 0)"
+            )
+            assert len(decoded) == 4 and all(decoded)
+            text = page.inner_text("body")
+            assert "Figures of merit" in text and "Refined parameters" in text and "Si1" in text
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+            if os.environ.get("EDKIT_SCREENSHOT"):
+                shutil.copy(tmp_path / "report.png", ROOT / "docs" / "report.png")
+        finally:
+            browser.close()

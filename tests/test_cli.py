@@ -8,6 +8,7 @@ checks the files and their layout, not the quality of so short a refinement.
 import contextlib
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -94,6 +95,25 @@ def test_refine_writes_a_cif_and_netcdf(run) -> None:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
+def test_refine_writes_a_self_contained_html_report(run) -> None:
+    _, out, stdout, _ = run
+    page = (out / "report.html").read_text(encoding="utf-8")
+    report = json.loads((out / "report.json").read_text())
+    assert str(out / "report.html") in stdout
+    # Figures of merit in per cent, the same numbers as report.json.
+    assert f"{100 * report['r_obs']:.2f} %" in page
+    assert f"{100 * report['r_obs_mean_frame']:.2f} %" in page
+    # Every figure embedded, nothing fetched: no external URL, no script.
+    assert page.count('src="data:image/png;base64,') == len(FIGURES)
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    # The refined parameters with their s.u.'s as in refined.cif, and the settings.
+    refined = read_cif(out / "refined.cif")
+    for label in refined.labels:
+        assert f"<td>{label}</td>" in page
+    assert re.search(r"<td class=\"n\">0\.\d+\(\d+\)</td>", page)
+    assert "<td>g_max</td>" in page and "<td>1.0</td>" in page
+
+
 def test_wrong_cell_exit_code_2(files, tmp_path, capsys) -> None:
     crystal = read_cif(files["structure"])
     a, b, c, alpha, beta, gamma = crystal.cell
@@ -113,3 +133,16 @@ def test_missing_arguments_exit_code_2(capsys) -> None:
         main(["refine", "--structure", "x.cif"])
     assert exit_.value.code == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_every_output_variable_labels_itself(run) -> None:
+    """CF attributes on refinement.nc: every float variable and coordinate has ``units`` and
+    ``long_name`` (xarray's .plot() labels its axes from them); integers, flags and labels a
+    ``long_name``."""
+    _, out, _, _ = run
+    for group in ("history", "simulated"):
+        with xr.open_dataset(out / "refinement.nc", group=group, engine="h5netcdf") as data:
+            for name, variable in [*data.data_vars.items(), *data.coords.items()]:
+                assert "long_name" in variable.attrs, (group, name)
+                if variable.dtype.kind == "f":
+                    assert "units" in variable.attrs, (group, name)

@@ -10,6 +10,7 @@ import typing
 import pytest
 
 from edkit import cli
+from edkit.cli.flags import options_of
 from edkit.errors import EdkitError
 from edkit.refine import options as opts
 from edkit.refine.options import (
@@ -191,8 +192,8 @@ def _args(*flags: str):
 
 
 def test_flags_to_refinement_keywords() -> None:
-    assert cli._options(_args()) == {}  # all defaults: Refinement's own
-    kwargs = cli._options(
+    assert options_of(_args()) == {}  # all defaults: Refinement's own
+    kwargs = options_of(
         _args(
             "--refine", "positions, adp", "--absorption", "--refine-absorption",
             "--sg-weak", "0", "--bethe-terms", "0", "--low-memory", "--memory-limit", "8G",
@@ -204,7 +205,7 @@ def test_flags_to_refinement_keywords() -> None:
         "bethe_terms": None, "remat": "eigensystems", "memory_limit": 8e9, "chunk_frames": 4,
         "g_max": 1.2, "precision": "single", "n_sub": 5,
     }  # fmt: skip
-    assert cli._options(_args("--absorption", "0.1"))["absorption"] == 0.1
+    assert options_of(_args("--absorption", "0.1"))["absorption"] == 0.1
 
 
 @pytest.mark.parametrize(

@@ -76,9 +76,7 @@ def test_default_recipe_recovers_the_truth_on_the_clean_regeneration(data_dir, l
         f"{np.sqrt(np.mean(thickness_error**2)):.4f}, {refinement.messages}"
     )
     assert rms <= 0.005
-    # Issue 13's targets: positions ≤ 0.005 Å RMS and Ueq ≤ 0.002 Å², read as RMS over the
-    # atoms like the positions. The largest single error is held to 0.0025 Å²: from _03 it was
-    # 0.0020034 Å² (measured 2026-12-03), just over 0.002.
-    assert np.sqrt(np.mean(ueq_errors**2)) <= 0.002
-    assert ueq_errors.max() <= 0.0025
+    # Issue 13's targets: positions ≤ 0.005 Å RMS and every Ueq within 0.002 Å². (From the
+    # truth itself the same fit ends O's Ueq 0.0008 Å² off, 2.5 s.u.: the data's own floor.)
+    assert ueq_errors.max() <= 0.002
     assert np.sqrt(np.mean(thickness_error**2)) <= 0.05

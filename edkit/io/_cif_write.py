@@ -152,7 +152,7 @@ def write_cif(
       path: output file.
       sigmas: optional s.u.s, keys among "fract" (n_asu, 3), "u_cif" (n_asu, 3, 3, Å²),
         "occupancy" (n_asu,), "cell" (6,, Å and °); a zero s.u. marks a fixed parameter and is
-        omitted. The Uiso s.u. of an isotropic atom is sigmas["u_cif"][i, 0, 0] (U^cif_11 =
+        omitted. The Uiso s.u. of an isotropic atom is ``sigmas["u_cif"][i, 0, 0]`` (U^cif_11 =
         Uiso); Ueq of anisotropic atoms is written without s.u. (it needs the covariances).
       extra: optional further items, tag → value: a number, a (value, su) pair or a string,
         e.g. {"_refine_ls_R_factor_obs": 0.0412}.

@@ -196,18 +196,16 @@ def check_problem_data(problem: Problem, dataset: xr.Dataset) -> None:
                 )
 
 
-def _prepare(
-    crystal: Crystal,
-    dataset: xr.Dataset,
-    opts: RefinementOptions,
-    initial_thickness: np.ndarray | None,
-    bar: Any,
-    progress: bool | None,
-) -> Prepared:
-    def advance(next_step: str) -> None:
-        bar.update()
-        bar.set_description(f"preparing: {next_step}")
+def plan_setup(
+    crystal: Crystal, dataset: xr.Dataset, opts: RefinementOptions
+) -> tuple[FrameSetup, Any, MemoryPlan]:
+    """The cheap half of :func:`prepare` (no solve): the inputs checked, the frame set-up, the
+    structure's parameter mapping and the memory plan; what ``edkit validate`` reports.
 
+    Raises:
+      EdkitError: inputs that are not a refinement's, nothing scored, or a frame too large for
+        the memory budget.
+    """
     check_inputs(crystal, dataset)
     check_observations(dataset)
     setup = build_frame_setup(
@@ -231,6 +229,22 @@ def _prepare(
         n_parameters=int(mapping.position_mask.sum() + mapping.adp_mask.sum()),
         devices=opts.devices,
     )  # fmt: skip
+    return setup, mapping, plan
+
+
+def _prepare(
+    crystal: Crystal,
+    dataset: xr.Dataset,
+    opts: RefinementOptions,
+    initial_thickness: np.ndarray | None,
+    bar: Any,
+    progress: bool | None,
+) -> Prepared:
+    def advance(next_step: str) -> None:
+        bar.update()
+        bar.set_description(f"preparing: {next_step}")
+
+    setup, mapping, plan = plan_setup(crystal, dataset, opts)
     advance("thickness search")
     features = _features(dataset, setup)
     i_obs = np.asarray(dataset["I_obs"].values, dtype=np.float64)

@@ -71,15 +71,30 @@ def history_dataset(
         np.array([r["thickness"] for r in records]).reshape(-1, n_frames),
         {"units": "angstrom", "long_name": "mean thickness"},
     )
-    history = xr.Dataset(
-        data,
-        coords={"step": steps, "atom": list(labels), "xyz": ["x", "y", "z"], "frame": frames},
-        attrs=attrs,
-    )
-    for name in ("loss", "validation_loss", "r_obs", "r_all", "wr_obs", "wr_all"):
-        history[name].attrs["units"] = "1"
-    history["seconds"].attrs["units"] = "s"
+    coords = {
+        "step": ("step", steps, {"long_name": "refinement step"}),
+        "atom": ("atom", list(labels), {"long_name": "atom label"}),
+        "xyz": ("xyz", ["x", "y", "z"], {"long_name": "fractional axis"}),
+        "frame": ("frame", frames, {"long_name": "PETS frame id"}),
+    }
+    history = xr.Dataset(data, coords=coords, attrs=attrs)
+    for name, (units, long_name) in SCALAR_LABELS.items():
+        history[name].attrs.update(units=units, long_name=long_name)
     return history
+
+
+#: CF units and long names of the per-step figures (fractions, as the report keeps them).
+SCALAR_LABELS = {
+    "loss": ("1", "loss (the objective minimised)"),
+    "validation_loss": ("1", "loss on the validation frames"),
+    "r_obs": ("1", "Jana R_obs on |F|"),
+    "r_all": ("1", "Jana R_all on |F|"),
+    "wr_obs": ("1", "Jana wR_obs on |F|"),
+    "wr_all": ("1", "Jana wR_all on |F|"),
+    "gof": ("1", "Jana goodness of fit"),
+    "r_obs_mean_frame": ("1", "mean per-frame R_obs (diffBloch)"),
+    "seconds": ("s", "seconds of refinement work"),
+}
 
 
 def records_from_history(path: Path) -> list[dict[str, Any]]:
@@ -114,10 +129,14 @@ def thickness_array(
         mean,
         dims=("frame",),
         coords={
-            "frame": frames,
-            "alpha": ("frame", alpha, {"units": "degree"}),
-            "spread": ("frame", spread, {"units": "angstrom"}),
-            "grid_search": ("frame", grid_search, {"units": "angstrom"}),
+            "frame": ("frame", frames, {"long_name": "PETS frame id"}),
+            "alpha": ("frame", alpha, {"units": "degree", "long_name": "goniometer α"}),
+            "spread": ("frame", spread, {"units": "angstrom", "long_name": "thickness spread σ"}),
+            "grid_search": (
+                "frame",
+                grid_search,
+                {"units": "angstrom", "long_name": "thickness from the grid search"},
+            ),
         },
         name="thickness",
         attrs={"units": "angstrom", "long_name": "mean thickness", "model": model},

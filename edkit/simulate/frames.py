@@ -207,7 +207,7 @@ def frame_comparison(
                 {"units": "1", "long_name": "per-frame R_obs on |F| (diffBloch convention)"},
             ),
         },
-        coords={"frame": setup.frame},
+        coords={"frame": ("frame", setup.frame, {"long_name": "PETS frame id"})},
         attrs={
             **{k: v for k, v in setup.settings.items() if v is not None},
             "voltage": setup.voltage,

@@ -56,11 +56,15 @@ class StackConfig(NamedTuple):
     """Static choices of a frame stack (hashable: a ``jax.jit`` static argument).
 
     Attributes:
-      voltage: V. absorbing: κ is used. absorption_method: see ``bloch.bloch_intensities``.
+      voltage: V.
+      absorbing: κ is used.
+      absorption_method: see ``bloch.bloch_intensities``.
       solve_dtype: complex dtype of the solves as a string ("complex64") or None (complex128
-      under x64). bethe_terms: Chebyshev terms of the shared Bethe correction or None.
-      batch_size: frames vectorised together inside the sequential map. remat: see
-      :func:`frame_intensity_stack`. devices: shard the frames over this many devices.
+        under x64).
+      bethe_terms: Chebyshev terms of the shared Bethe correction or None.
+      batch_size: frames vectorised together inside the sequential map.
+      remat: see :func:`frame_intensity_stack`.
+      devices: shard the frames over this many devices.
     """
 
     voltage: float

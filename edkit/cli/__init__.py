@@ -8,22 +8,19 @@ The run itself is :func:`edkit.refine.schedule.run_schedule`: checkpoints into `
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Any
 
+from edkit.cli.config import apply_config, template, validate
+from edkit.cli.flags import DEFAULT_OUT, OPTION_FIELDS, add_refine_options, options_of
 from edkit.errors import EdkitError
 from edkit.examples import example_file
 from edkit.io.atomic import write_atomically
 from edkit.refine import checkpoint
-from edkit.refine.convergence import MAX_STEPS, Convergence
-from edkit.refine.lm import SHIFT_TOLERANCE
-from edkit.refine.options import CHOICES, RefinementOptions, options_from, parse_memory
 from edkit.refine.results import finite_or_none
 from edkit.refine.schedule import (
     CHECKPOINT_SECONDS,
@@ -35,8 +32,6 @@ from edkit.refine.schedule import (
 )
 from edkit.version import __version__
 
-OPTION_FIELDS = tuple(f for f in dataclasses.fields(RefinementOptions) if f.metadata["cli"])
-DEFAULT_OUT = "edkit-out"
 #: Flags that may accompany --resume (the others are stored in the checkpoint).
 RESUME_FLAGS = ("command", "resume", "out", "quiet", "checkpoint_every")
 
@@ -56,7 +51,11 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     run["checkpoint_every"] = every
     left = schedule.steps_left(position)
     lm_left = sum(s.kind == "lm" for s in schedule.stages()[position.stage :])
-    estimate = "; a time estimate follows the first step" if left else ""
+    if left:
+        from edkit.refine.estimate import estimate_time
+
+        print(estimate_time(refinement.setup).describe(left), flush=True)
+    estimate = "; a measured time estimate follows the first step" if left else ""
     converging = schedule.until_converged and all(
         s.kind != "lm" for s in schedule.stages()[: position.stage + 1]
     )
@@ -95,14 +94,28 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
         if "converge" in m or "Levenberg" in m or m.startswith("thickness search")
     ]
     report["structure"], report["data"] = run.get("structure"), run.get("data")
+    report["divergences"] = sum(
+        "the refinement diverged" in m or "non-finite gradient" in m for m in refinement.messages
+    )
+    start_wr = float(refinement.history["wr_all"].values[0])
+    report["improved"] = bool(report["wr_all"] is not None and report["wr_all"] < start_wr)
     if args.resume is not None:
         report["resumed_from"] = str(args.resume_folder)
     text = json.dumps(finite_or_none(report), indent=1)
     write_atomically(out / "report.json", lambda path: path.write_text(text))
     refinement.write_results(out / "refinement.nc")
+    from edkit.html_report import write_html_report
     from edkit.plot import write_figures  # matplotlib only when there is something to draw
+    from edkit.refine.options import options_json
 
-    write_figures(out / "refinement.nc", refinement.thickness, out)
+    figures = write_figures(out / "refinement.nc", refinement.thickness, out)
+    write_html_report(
+        out / "report.html", report, refinement.crystal,
+        uncertainties=getattr(refinement, "last_uncertainties", None),
+        options=options_json(refinement.options), figures=figures,
+        title=f"edkit {args.command}: {Path(str(run.get('structure'))).name} against "
+        f"{Path(str(run.get('data'))).name}",
+    )  # fmt: skip
     return report, out
 
 
@@ -114,7 +127,7 @@ def _start(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
     from edkit.refine.refinement import Refinement
     from edkit.refine.schedule import Position, Schedule
 
-    options = _options(args)  # checked before any file is read
+    options = options_of(args)  # checked before any file is read
     for flag, path in (("--structure", args.structure), ("--data", args.data)):
         if not Path(path).is_file():
             raise EdkitError(f"{flag} {path}: no such file")
@@ -210,152 +223,22 @@ class _Stopped(Exception):
 
 
 def _print_report(report: dict, out: Path) -> None:
-    keys = ("r_obs_mean_frame", "r_obs", "r_all", "wr_obs", "wr_all", "gof")
-    print("figures of merit (fractions; Jana on |F| over scored reflections, and diffBloch's")
+    keys = ("r_obs_mean_frame", "r_obs", "r_all", "wr_obs", "wr_all")
+    print("figures of merit (%; Jana on |F| over scored reflections, and diffBloch's")
     print("mean per-frame R_obs):")
     for key in keys:
         value = report[key]
-        print(f"  {key:18s} {'undefined' if value is None or value != value else f'{value:.4f}'}")
+        shown = "undefined" if value is None or value != value else f"{100 * value:.2f} %"
+        print(f"  {key:18s} {shown}")
+    gof = report["gof"]
+    print(f"  {'gof':18s} {'undefined' if gof is None or gof != gof else f'{gof:.3f}'}")
     print(f"  {'n_obs / n_all':18s} {report['n_obs']} / {report['n_all']}")
     print(f"  {'steps, seconds':18s} {report['steps']}, {report['seconds']}")
     for line in report.get("stages", []):
         print(f"  {line}")
-    print(f"wrote {out / 'refined.cif'}, {out / 'report.json'}, {out / 'refinement.nc'} and "
-          "the figures (convergence, frames, thickness, F_obs vs F_calc; PNG)")  # fmt: skip
-
-
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    """The Refinement keywords the flags set, checked; defaults are left to Refinement."""
-    kwargs: dict[str, Any] = {}
-    for option in OPTION_FIELDS:
-        value = getattr(args, option.name)
-        if option.name == "refine":
-            value = tuple(group.strip() for group in value.split(",") if group.strip())
-        if option.metadata.get("zero") and value == 0:
-            value = None
-        kwargs[option.name] = value
-    if (
-        args.refine_absorption
-        and args.absorption is not None
-        and "absorption" not in kwargs["refine"]
-    ):
-        kwargs["refine"] += ("absorption",)
-    try:
-        options_from(**kwargs)
-    except EdkitError as error:  # "devices = 0: …" → "--devices: devices = 0: …"
-        flags = {option.name: option.metadata["cli"] for option in OPTION_FIELDS}
-        flag = flags.get(str(error).split(" ", 1)[0])
-        raise EdkitError(f"{flag}: {error}" if flag else str(error)) from None
-    # Refinement's defaults are RefinementOptions' own: pass only what the flags change.
-    return {
-        option.name: kwargs[option.name]
-        for option in OPTION_FIELDS
-        if kwargs[option.name] != option.default
-    }
-
-
-def _memory(text: str) -> float:
-    try:
-        return parse_memory(text)
-    except EdkitError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _add_option_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RefinementOptions field with a "cli" name: help, default, units, choices."""
-    hints = typing.get_type_hints(RefinementOptions)
-    for option in OPTION_FIELDS:
-        meta, default = option.metadata, option.default
-        if isinstance(default, tuple):
-            default = ",".join(default)  # --refine: comma-separated
-        units = "" if meta["units"] in ("", "1") else f" {meta['units']}"
-        shown = meta["none"] if default is None else f"{default}{units}"
-        help_ = f"{meta['help']} (default: {shown})".replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": option.name, "default": default, "help": help_}
-        if "flag" in meta:
-            kwargs.update(action="store_const", const=meta["flag"])
-        elif option.name == "refine":
-            kwargs["metavar"] = "GROUP,..."
-        elif option.name in CHOICES:
-            kwargs["choices"] = CHOICES[option.name]
-        elif option.name == "memory_limit":
-            kwargs.update(type=_memory, metavar="SIZE")
-        else:
-            hint = hints[option.name]
-            kwargs["type"] = int if int in (hint, *typing.get_args(hint)) else float
-            if "bare" in meta:
-                kwargs.update(nargs="?", const=meta["bare"])
-        parser.add_argument(meta["cli"], **kwargs)
-
-
-def _add_refine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out", default=None,
-        help=f"output folder, checkpoints in its checkpoints/ (default: {DEFAULT_OUT}; with "
-        "--resume: the folder resumed from)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--steps", type=_count, default=None,
-        help="exactly this many Adam steps (default: until converged, when the best loss falls "
-        f"by less than {100 * Convergence().tolerance:g} %% over {Convergence().window} steps, "
-        "at most --max-steps)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-steps", type=_count, default=MAX_STEPS,
-        help="the most Adam steps of a run without --steps (default: %(default)s)",
-    )  # fmt: skip
-    _add_option_flags(parser)
-    parser.add_argument(
-        "--refine-absorption", action="store_true", help="with --absorption: refine κ too"
-    )
-    parser.add_argument(
-        "--every", type=int, default=1, help="use every N-th frame only (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--searches", type=int, default=None, metavar="N",
-        help="after the Adam steps, up to N times: the thickness search again from the refined "
-        "structure and, where more than 5 %% of the frames' thickness is over 10 %% off and the "
-        "searched thickness fits better (mean per-frame R_obs ≥ 5 %% lower), a new start of the "
-        "thickness model and Adam steps again; no further search after a new start that found "
-        "no better state (default: 3, or 0 with --steps)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--lm-rounds", type=int, default=1,
-        help="Levenberg–Marquardt rounds on the structure after the Adam steps (default: "
-        "%(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--lm-iterations", type=int, default=10,
-        help="the most iterations per Levenberg–Marquardt round; a round stops sooner once max "
-        f"shift/s.u. < {SHIFT_TOLERANCE:g} (default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--polish-steps", type=int, default=0,
-        help="Adam steps after each Levenberg–Marquardt round (default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--checkpoint-every", type=_count, default=None, metavar="N",
-        help="write a checkpoint into OUT/checkpoints every N steps (0: none but those at the "
-        "end of each phase and on Ctrl-C; default: about every "
-        f"{CHECKPOINT_SECONDS / 60:g} minutes of work); the newest two are kept",
-    )  # fmt: skip
-    parser.add_argument(
-        "--resume", metavar="DIR", default=None,
-        help="continue from the latest checkpoint in DIR (an --out folder, or one checkpoint "
-        "folder in it) with the data, structure and options stored there: the flags above "
-        "are not repeated (only --out, --quiet and --checkpoint-every may be given)",
-    )  # fmt: skip
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer ≥ 0")
-    return value
+    written = ", ".join(str(out / name) for name in ("refined.cif", "report.html", "report.json"))
+    print(f"wrote {written}, {out / 'refinement.nc'} and the figures (convergence, frames, "
+          "thickness, F_obs vs F_calc; PNG)")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -363,24 +246,57 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     refine = commands.add_parser("refine", help="refine a structure against a PETS2 dataset")
-    # Required unless --resume (checked in main, with argparse's message).
-    refine.add_argument("--structure", help="starting CIF file")
-    refine.add_argument("--data", help="PETS2 .cif_pets file")
-    _add_refine_options(refine)
+    validate = commands.add_parser(
+        "validate",
+        help="check the inputs and plan the beams, memory and time of a refinement (no solve)",
+    )
+    for sub in (refine, validate):
+        # Required unless --resume or --config (checked in main, with argparse's message).
+        sub.add_argument("--structure", help="starting CIF file (required)")
+        sub.add_argument("--data", help="PETS2 .cif_pets file (required)")
     demo = commands.add_parser(
         "demo",
         help="refine the bundled real quartz data (every 3rd frame) from the kinematical start",
     )
-    _add_refine_options(demo)
+    for sub in (refine, validate, demo):
+        add_refine_options(sub)
+        sub.add_argument(
+            "--config", metavar="FILE", default=None,
+            help="read options from a TOML file (edkit config writes a template); flags "
+            "given here win (default: none)",
+        )  # fmt: skip
     demo.set_defaults(every=3)
+    commands.add_parser(
+        "config", help="print a commented TOML template of every refine option and its default"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``edkit`` command; returns the exit code (2: bad input, 130: stopped
-    by Ctrl-C, after writing a checkpoint where one could be written)."""
+    """Entry point of the ``edkit`` command; returns the exit code: 0 done, 2 bad input (a
+    missing, unreadable or inconsistent file or option; argparse's usage errors too), 3 the
+    refinement diverged and ended no better than its start (outputs written from the best
+    state), 130 stopped by Ctrl-C (after writing a checkpoint where one could be written)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "config":
+        print(template(_subparser(parser, "refine")))
+        return 0
+    try:
+        if args.config is not None:
+            if args.resume is not None:
+                raise EdkitError("--config cannot be given with --resume (the checkpoint holds "
+                                 "the options)")  # fmt: skip
+            defaults = vars(parser.parse_args([args.command]))
+            apply_config(args, _subparser(parser, args.command), defaults)
+        if args.command == "validate":
+            if args.structure is None or args.data is None:
+                raise EdkitError("edkit validate needs --structure and --data")
+            print(validate(args))
+            return 0
+    except (EdkitError, OSError) as error:
+        print(f"edkit: error: {error}", file=sys.stderr)
+        return 2
     if args.command == "refine" and args.resume is None:
         missing = [flag for flag in ("--structure", "--data") if getattr(args, flag[2:]) is None]
         if missing:
@@ -419,7 +335,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edkit: error: {error}", file=sys.stderr)
         return 2
     _print_report(report, out)
+    if report["divergences"] and not report["improved"]:
+        print(
+            f"edkit: the refinement diverged {report['divergences']} time(s) and ended no better "
+            "than its start; the outputs hold the best state (exit code 3)",
+            file=sys.stderr,
+        )
+        return 3
     return 0
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
 
 
 def _check_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -1,0 +1,5 @@
+"""``python -m edkit.cli``."""
+
+from edkit.cli import main
+
+raise SystemExit(main())
