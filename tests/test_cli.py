@@ -146,3 +146,39 @@ def test_every_output_variable_labels_itself(run) -> None:
                 assert "long_name" in variable.attrs, (group, name)
                 if variable.dtype.kind == "f":
                     assert "units" in variable.attrs, (group, name)
+
+
+def test_a_run_that_diverged_and_did_not_improve_exits_3(monkeypatch, tmp_path, capsys) -> None:
+    """The exit code of a finished run that diverged and ended no better than its start (the
+    refinement itself is test_refinement's divergence test; here only the mapping to 3)."""
+    import edkit.cli as cli
+
+    report = {key: 0.1 for key in REPORT_KEYS} | {"n_obs": 1, "n_all": 2, "stages": []}
+
+    def finished(args):
+        return {**report, "divergences": divergences, "improved": improved}, tmp_path
+
+    monkeypatch.setattr(cli, "_refine", finished)
+    argv = ["refine", "--structure", "s.cif", "--data", "d.cif_pets", "--quiet"]
+    for divergences, improved, code in ((1, False, 3), (1, True, 0), (0, False, 0)):
+        assert cli.main(argv) == code, (divergences, improved)
+        err = capsys.readouterr().err
+        assert ("exit code 3" in err) == (code == 3)
+
+
+def test_absolute_structure_flag(files, tmp_path) -> None:
+    out = tmp_path / "out"
+    argv = [
+        "refine", "--structure", str(files["structure"]), "--data", str(files["data"]),
+        "--out", str(out), "--steps", "2", "--max-steps", "2", "--every", "33", "--n-sub", "5",
+        "--g-max", "1.0", "--lm-rounds", "1", "--lm-iterations", "1", "--quiet",
+        "--absolute-structure",
+    ]  # fmt: skip
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(argv) == 0
+    assert "absolute structure: " in stdout.getvalue()
+    hands = json.loads((out / "report.json").read_text())["absolute_structure"]
+    assert hands["preferred"] in ("given", "inverted") and hands["frames"] == 3
+    assert hands["r_obs_given"] > 0 and hands["r_obs_inverted"] > 0
+    assert "_edkit_absolute_structure_z_score" in (out / "refined.cif").read_text()

@@ -66,6 +66,13 @@ def test_plain_install_has_no_jupyter_stack_and_a_version(plain_venv) -> None:
 @pytest.mark.slow  # a fresh environment: about two minutes
 def test_plain_install_refines_from_the_command_line(plain_venv, data_dir, tmp_path) -> None:
     out = tmp_path / "out"
+    checked = _run([
+        plain_venv / "bin" / "edkit", "validate",
+        "--structure", data_dir / "structures" / "quartz_kinematical.cif",
+        "--data", data_dir / "pets" / "quartz_experimental.cif_pets", "--every", "33",
+    ])  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    assert "memory plan" in checked.stdout and "would start" in checked.stdout
     done = _run([
         plain_venv / "bin" / "edkit", "refine",
         "--structure", data_dir / "structures" / "quartz_kinematical.cif",
@@ -76,3 +83,4 @@ def test_plain_install_refines_from_the_command_line(plain_venv, data_dir, tmp_p
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 2 and (out / "refined.cif").exists()
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")

@@ -84,8 +84,13 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
         )  # fmt: skip
     if outcome.stopped:
         raise _Stopped(refinement.step_count, outcome.checkpoint, out)
-    refinement.write_cif(out / "refined.cif")
+    hands = None
+    if run.get("absolute_structure"):
+        hands = _compare_hands(refinement, args, run)
+    refinement.write_cif(out / "refined.cif", extra=_hand_items(hands))
     report = refinement.report()
+    if hands is not None:
+        report["absolute_structure"] = hands.as_dict()
     report["seconds"] = round(prior + time.perf_counter() - started, 1)
     # How each stage ended (converged, step limit, least squares' shift/s.u.), in words.
     report["stages"] = [
@@ -158,6 +163,7 @@ def _start(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
         "data": str(args.data),
         "every": args.every,
         "checkpoint_every": args.checkpoint_every,
+        "absolute_structure": bool(args.absolute_structure),
     }
     until_converged = args.steps is None
     searches = args.searches if args.searches is not None else (3 if until_converged else 0)
@@ -196,6 +202,44 @@ def _resume(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
         flush=True,
     )
     return refinement, run, schedule, position, out
+
+
+def _compare_hands(refinement: Any, args: argparse.Namespace, run: dict) -> Any:
+    """Refine the inverse of the start with the same options and step budget
+    (``Refinement.fit``) and compare it with the refinement just finished."""
+    from edkit.refine.absolute import compare_hands, inverted_crystal
+    from edkit.refine.options import options_json
+    from edkit.refine.refinement import Refinement
+
+    _say("absolute structure: refining the inverted structure the same way")
+    options = options_json(refinement.options)
+    inverse = Refinement(
+        inverted_crystal(refinement.start_crystal), refinement.dataset,
+        progress=False if args.quiet else None, **options,
+    )  # fmt: skip
+    searches = args.searches if args.searches is not None else (3 if args.steps is None else 0)
+    inverse.fit(
+        max_steps=args.steps or args.max_steps, lm_iterations=args.lm_iterations,
+        searches=searches, progress=not args.quiet,
+    )  # fmt: skip
+    hands = compare_hands(refinement, inverse)
+    _say(
+        f"absolute structure: {hands.preferred} preferred (z = {hands.z_score:.2f} over "
+        f"{hands.frames} frames; wR_all {100 * hands.wr_all_given:.2f} % given, "
+        f"{100 * hands.wr_all_inverted:.2f} % inverted; Hamilton α {hands.hamilton_alpha:.2g})"
+    )
+    return hands
+
+
+def _hand_items(hands: Any) -> dict[str, object] | None:
+    """The CIF's absolute-configuration items: 'dyn' when the dynamical comparison determined
+    the hand of the written (given) structure."""
+    if hands is None:
+        return None
+    items: dict[str, object] = {"_edkit_absolute_structure_z_score": round(hands.z_score, 3)}
+    if hands.determined and hands.preferred == "given":
+        items["_chemical_absolute_configuration"] = "dyn"
+    return items
 
 
 def _interval(every: int | None) -> str:

@@ -126,6 +126,12 @@ def add_refine_options(parser: argparse.ArgumentParser) -> None:
         "--polish-steps", type=int, default=0,
         help="Adam steps after each Levenberg–Marquardt round (default: %(default)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--absolute-structure", action="store_true",
+        help="afterwards refine the inverted structure the same way and compare the hands "
+        "(z-score over frames, Hamilton's test; report.json absolute_structure, the CIF's "
+        "_chemical_absolute_configuration); about doubles the time",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--checkpoint-every", type=count, default=None, metavar="N",

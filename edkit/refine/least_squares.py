@@ -114,11 +114,18 @@ class StructureLeastSquaresMixin:
         return result
 
     @x64
-    def write_cif(self: Any, path: str | Path, *, with_uncertainties: bool = True) -> None:
-        """Write the refined structure with s.u.'s and the figures of merit."""
+    def write_cif(
+        self: Any,
+        path: str | Path,
+        *,
+        with_uncertainties: bool = True,
+        extra: dict[str, object] | None = None,
+    ) -> None:
+        """Write the refined structure with s.u.'s and the figures of merit (plus ``extra``
+        CIF items, tag → value, e.g. ``_chemical_absolute_configuration``)."""
         sigmas = None
         if with_uncertainties and self.n_parameters > 0:
             su = self.uncertainties()
             sigmas = {"fract": su["fract"], "u_cif": su["u_cif"]}
-        extra = results.cif_figures(self.report())
-        write_cif(self.crystal, path, sigmas=sigmas, extra=extra)
+        items = {**results.cif_figures(self.report()), **(extra or {})}
+        write_cif(self.crystal, path, sigmas=sigmas, extra=items)
