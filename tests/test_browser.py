@@ -209,7 +209,7 @@ def _drive(page, voila_url: str, tmp_path: Path) -> None:
     assert not page.query_selector(".edkit-error"), page.inner_text(".edkit-status")
     page.wait_for_timeout(500)  # let Bokeh finish drawing the last point
     screenshot = tmp_path / "panel.png"
-    page.locator(".edkit-refinement-panel").screenshot(path=str(screenshot))
+    page.locator(".edkit-dashboard").screenshot(path=str(screenshot))  # tabs and the panel
     assert screenshot.stat().st_size > 10_000
     if os.environ.get("EDKIT_SCREENSHOT"):
         target = ROOT / "docs" / "panel.png"

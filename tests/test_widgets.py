@@ -505,3 +505,38 @@ def test_status_says_when_the_structure_is_held_for_warm_up(template) -> None:
     assert "warm-up: the structure is held until step 5" in RefinementPanel(r).status.value
     r.options = dataclasses.replace(r.options, structure_delay=0)
     assert "warm-up" not in RefinementPanel(r).status.value
+
+
+# ---------------------------------------------------------------------------------------------
+# Dashboard
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dashboard_gathers_the_views_in_tabs_and_keeps_them_current(template) -> None:
+    from edkit.widgets import Dashboard
+
+    r = fresh(template)
+    dashboard = Dashboard(r)
+    tabs = dashboard.widget
+    assert [tabs.get_title(i) for i in range(3)] == ["Refine", "Thickness", "Frames"]
+    assert list(tabs.children) == [
+        dashboard.panel.widget,
+        dashboard.thickness.widget,
+        dashboard.frames.widget,
+    ]
+    # The thickness view lives in its own tab, not inside the panel, and follows every step.
+    assert dashboard.thickness.widget not in dashboard.panel.widget.children
+    profile = dashboard.thickness.plot.source_with("thickness")
+    before = np.array(profile.data["thickness"])
+    r.set_learning_rate("thickness", 3e-2)
+    click_and_wait(dashboard, dashboard.step_button)  # the panel's, through the dashboard
+    assert r.step_count == 1 and "<b>1</b> step(s) taken" in dashboard.status.value
+    assert "the state after 0 step(s)" in dashboard.status.value
+    assert not np.allclose(profile.data["thickness"], before, rtol=1e-9, atol=0)
+    # Opening the Frames tab after a step redraws it for the current state.
+    simulation_before = dashboard.frames.simulation
+    tabs.selected_index = 2
+    assert dashboard.frames.simulation is not simulation_before
+    np.testing.assert_allclose(
+        dashboard.frames.simulation["I_calc"].values, r.simulated()["I_calc"].values
+    )

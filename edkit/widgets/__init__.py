@@ -3,8 +3,9 @@
 ``import edkit`` never imports this package; importing it loads ipywidgets, HoloViews, Panel
 and Bokeh only when one of its names is first used::
 
-    from edkit.widgets import RefinementPanel, ThicknessView, FrameComparison, BlochExplorer
+    from edkit.widgets import Dashboard, RefinementPanel, ThicknessView, FrameComparison
 
+    Dashboard(refinement)                           # all of the below in tabs, one cell
     panel = RefinementPanel(refinement, thickness_view=True)
     panel                                           # Step / Run / Stop, rates, live curves
     FrameComparison(refinement)                     # measured vs simulated spots per frame
@@ -21,12 +22,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from edkit.widgets.bloch import BlochExplorer
     from edkit.widgets.bridge import HoloViewsWidget, extension
+    from edkit.widgets.dashboard import Dashboard
     from edkit.widgets.frames import FrameComparison
     from edkit.widgets.refinement_panel import RefinementPanel
     from edkit.widgets.thickness import ThicknessView
 
 _LAZY = {
     "BlochExplorer": "edkit.widgets.bloch",
+    "Dashboard": "edkit.widgets.dashboard",
     "FrameComparison": "edkit.widgets.frames",
     "HoloViewsWidget": "edkit.widgets.bridge",
     "RefinementPanel": "edkit.widgets.refinement_panel",
@@ -36,6 +39,7 @@ _LAZY = {
 
 __all__ = [
     "BlochExplorer",
+    "Dashboard",
     "FrameComparison",
     "HoloViewsWidget",
     "RefinementPanel",

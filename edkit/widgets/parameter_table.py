@@ -62,9 +62,10 @@ def parameter_table(refinement: Refinement) -> str:
     head = "".join(
         f"<th>{h}</th>" for h in ("atom", "parameter", "value", "shift", "s.u.", "shift/s.u.")
     )
+    # The note is a paragraph of its own (as a caption it wrapped to the table's narrow width).
     return (
+        f"<p class='edkit-su-note' style='margin:0 0 4px 0'>{html.escape(note)}; shifts from "
+        "the start structure; fractional coordinates and U^cif (Å²)</p>"
         "<table class='edkit-param-table' style='font-family:monospace;text-align:right'>"
-        f"<caption style='text-align:left'>{html.escape(note)}; shifts from the start "
-        "structure; fractional coordinates and U^cif (Å²)</caption>"
         f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )

@@ -355,13 +355,14 @@ class RefinementPanel:
         data = self.curve_stream.data
         parts = [f"<b>{r.step_count}</b> step(s) taken"]
         if len(data["step"]):
+            # A step's record measures the state it started from: after that many steps.
             parts.append(
-                f"last recorded step {int(data['step'][-1])}: loss {data['loss'][-1]:.5f}, "
+                f"the state after {int(data['step'][-1])} step(s): loss {data['loss'][-1]:.5f}, "
                 f"R_obs (mean per frame) {100 * data['r_obs_mean_frame'][-1]:.2f} %, "
                 f"wR_obs {100 * data['wr_obs'][-1]:.2f} %"
             )
         if np.isfinite(r.best_loss):
-            parts.append(f"best loss {r.best_loss:.5f} at step {r.best_step}")
+            parts.append(f"best loss {r.best_loss:.5f} after {r.best_step} step(s)")
         delay = r.options.structure_delay
         if r.step_count < delay and any(r.enabled[g] for g in ("positions", "adp")):
             parts.append(f"warm-up: the structure is held until step {delay}")
