@@ -1,8 +1,8 @@
 """A plain ``pip install`` (no extras) in a fresh virtual environment: the library and the
 ``edkit`` command work without the Jupyter stack (issue 15's lean core).
 
-The checkout's package files are copied to a temporary folder and installed from there (no
-build files left in the checkout); pip takes the dependencies from its cache when the main
+The checkout's package files are copied to a temporary folder, built into a wheel there and
+the wheel installed (no build files left in the checkout); pip takes the dependencies from its cache when the main
 environment was installed on this machine (CI: ``make test`` just did), so the test costs about
 two minutes. The refinement is test_cli.py's tiny one with two steps.
 """
@@ -39,7 +39,14 @@ def plain_venv(tmp_path_factory) -> Path:
     venv = folder / "venv"
     done = _run([sys.executable, "-m", "venv", venv])
     assert done.returncode == 0, done.stderr
-    done = _run([venv / "bin" / "python", "-m", "pip", "install", "-q", source])
+    # A built wheel, as an index would serve it (not the source tree): its package data (the
+    # bundled examples) and subpackages (edkit.cli, …) must be inside it.
+    wheels = folder / "wheels"
+    pip = [venv / "bin" / "python", "-m", "pip"]
+    done = _run([*pip, "wheel", "-q", "--no-deps", "-w", wheels, source])
+    assert done.returncode == 0, done.stderr
+    (wheel,) = wheels.glob("edkit-*.whl")
+    done = _run([*pip, "install", "-q", wheel])
     assert done.returncode == 0, done.stderr
     return venv
 
