@@ -13,6 +13,7 @@ R-factors are shown in %.
     plot.frames(refinement.simulated())
     plot.thickness(refinement.thickness)
     plot.f_obs_vs_f_calc(refinement.simulated())
+    plot.frame_spots(refinement.simulated(), frame=12)  # one frame in the detector plane
 """
 
 from pathlib import Path
@@ -22,9 +23,13 @@ import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from edkit.errors import EdkitError
 from edkit.io.atomic import write_atomically
 
-__all__ = ["FIGURES", "convergence", "f_obs_vs_f_calc", "frames", "thickness", "write_figures"]
+__all__ = [
+    "FIGURES", "convergence", "f_obs_vs_f_calc", "frame_spots", "frames", "thickness",
+    "write_figures",
+]  # fmt: skip
 #: The PNG files :func:`write_figures` writes.
 FIGURES = ("convergence.png", "frames.png", "thickness.png", "f_obs_vs_f_calc.png")
 
@@ -137,6 +142,49 @@ def f_obs_vs_f_calc(simulated: xr.Dataset, ax: Axes | None = None) -> Figure:
     ax.set_ylabel("F_obs")
     ax.set_aspect("equal")
     ax.set_title(f"{int(scored.sum())} scored reflections")
+    return _figure(ax)
+
+
+def frame_spots(simulated: xr.Dataset, frame: int, ax: Axes | None = None) -> Figure:
+    """One frame in the detector plane: measured spots as open circles (area ∝ I_obs) and the
+    simulated ones filled (area ∝ I_calc on the frame's scale), at the same places.
+
+    Args:
+      simulated: ``refinement.simulated()`` or the "simulated" group of ``refinement.nc``
+        (``detector_x``, ``detector_y``, ``I_obs``, ``I_calc_scaled``, ``frame_id``,
+        ``r_obs_frame``).
+      frame: the PETS frame id.
+      ax: draw here; None: a new figure (square).
+
+    Raises:
+      EdkitError: no reflection of ``simulated`` lies on ``frame``.
+    """
+    on_frame = np.asarray(simulated["frame_id"].values) == frame
+    if not on_frame.any():
+        ids = np.asarray(simulated["frame"].values)
+        raise EdkitError(
+            f"frame_spots: frame {frame} has no reflection (frames {ids.min()}–{ids.max()})"
+        )
+    ax = _axes(ax, size=(4.6, 4.4))
+    x = np.asarray(simulated["detector_x"].values)[on_frame]
+    y = np.asarray(simulated["detector_y"].values)[on_frame]
+    i_obs = np.clip(np.asarray(simulated["I_obs"].values, dtype=float)[on_frame], 0.0, None)
+    i_calc = np.nan_to_num(
+        np.clip(np.asarray(simulated["I_calc_scaled"].values, dtype=float)[on_frame], 0.0, None)
+    )
+    peak = float(max(i_obs.max(initial=0.0), i_calc.max(initial=0.0))) or 1.0
+    scale = 400.0 / peak  # points² of the strongest spot
+    ax.scatter(x, y, s=scale * i_calc, color="tab:red", alpha=0.45, label="calculated")
+    ax.scatter(x, y, s=scale * i_obs, facecolors="none", edgecolors="black", linewidths=0.8,
+               label="observed")  # fmt: skip
+    ax.plot([0.0], [0.0], "+", color="grey")
+    ax.set_aspect("equal")
+    ax.set_xlabel("g_x (Å⁻¹)")
+    ax.set_ylabel("g_y (Å⁻¹)")
+    position = int(np.flatnonzero(np.asarray(simulated["frame"].values) == frame)[0])
+    r_obs = float(simulated["r_obs_frame"].values[position])
+    ax.set_title(f"frame {frame}: R_obs {100 * r_obs:.2f} %")
+    ax.legend(loc="upper right", fontsize="small", markerscale=0.4)
     return _figure(ax)
 
 

@@ -2,9 +2,9 @@
 ``edkit`` command work without the Jupyter stack (issue 15's lean core).
 
 The checkout's package files are copied to a temporary folder, built into a wheel there and
-the wheel installed (no build files left in the checkout); pip takes the dependencies from its cache when the main
-environment was installed on this machine (CI: ``make test`` just did), so the test costs about
-two minutes. The refinement is test_cli.py's tiny one with two steps.
+the wheel installed (no build files left in the checkout); pip takes the dependencies from its
+cache when the main environment was installed on this machine (CI: ``make test`` just did), so
+the test costs about two minutes. The refinement is test_cli.py's tiny one with two steps.
 """
 
 import json

@@ -67,3 +67,26 @@ def test_no_pyplot_state() -> None:
     source = plot.__file__
     with open(source) as handle:
         assert "pyplot" not in handle.read().replace("without pyplot", "")
+
+
+def test_frame_spots_in_the_detector_plane(refinement) -> None:
+    """The spots sit at O_f B hkl (the widget's detector coordinates), circle areas follow the
+    intensities, and an unknown frame is a clear error."""
+    from edkit import EdkitError
+    from edkit.widgets.frames import detector_coordinates
+
+    simulated = refinement.simulated()
+    frame = int(simulated["frame"].values[1])
+    figure = plot.frame_spots(simulated, frame)
+    calculated, observed = figure.axes[0].collections[:2]
+    on_frame = simulated["frame_id"].values == frame
+    expected = detector_coordinates(refinement)[on_frame, :2]
+    np.testing.assert_allclose(observed.get_offsets(), expected, atol=1e-12)
+    np.testing.assert_allclose(calculated.get_offsets(), expected, atol=1e-12)
+    i_obs = np.clip(simulated["I_obs"].values[on_frame], 0, None)
+    areas = observed.get_sizes()
+    assert np.argmax(areas) == np.argmax(i_obs) and areas.max() > 0
+    assert "R_obs" in figure.axes[0].get_title()
+    assert simulated["detector_x"].attrs["units"] == "1/angstrom"
+    with pytest.raises(EdkitError, match="frame 999999 has no reflection"):
+        plot.frame_spots(simulated, 999999)

@@ -215,6 +215,13 @@ def frame_comparison(
             "frames_without_scored": " ".join(str(f) for f in setup.frame[n_scored == 0]),
         },
     )
+    if setup.refl_g_lab is not None:  # the spots' places in the detector plane
+        for axis, name in ((0, "detector_x"), (1, "detector_y")):
+            result[name] = (
+                "refl",
+                np.asarray(setup.refl_g_lab[:, axis]),
+                {"units": "1/angstrom", "long_name": f"g_{'xy'[axis]} in the detector plane"},
+            )
     if thickness_values is not None:
         mean_t = np.sum(thickness_values * thickness_weights, axis=1)
         result["thickness"] = (

@@ -65,6 +65,10 @@ class FrameSetup:
         and (n_f, n_w); None without them. ``weak_sizes``: padded n_w of each bucket.
       coupling_out, coupling_in: indices into ``differences`` of h_w − h_i, (n_f, n, n_w), and
         of h_j − h_w, (n_f, n_w, n).
+      segments: with ``settings["segments"]`` > 1, each run of a frame's sub-orientations
+        solved with its own beams (:mod:`edkit.simulate.segments`); None: the frame's beams.
+      refl_g_lab: each reflection's g in the lab frame at its frame's centre (O_f B hkl),
+        Å⁻¹, (n_r, 3): (x, y) is its place in the detector plane, z ≈ 0 in diffraction.
     """
 
     frame: np.ndarray
@@ -90,6 +94,7 @@ class FrameSetup:
     coupling_in: np.ndarray | None = None
     weak_sizes: tuple[int, ...] = ()
     segments: SegmentTables | None = None
+    refl_g_lab: np.ndarray | None = None
 
     @property
     def n_frames(self) -> int:
@@ -305,6 +310,7 @@ def build_frame_setup(
         coupling_in=coupling_in,
         weak_sizes=weak_sizes,
         segments=segment_tables,
+        refl_g_lab=g_lab,
         settings={
             "g_max": float(g_max),
             "sg_max": float(sg_max),
