@@ -41,19 +41,20 @@ class TimeEstimate:
     def describe(self, steps: int | None = None) -> str:
         text = (
             f"time estimate (±2×, from timed eigendecompositions): {self.solves} solves, "
-            f"an Adam step ≈ {_duration(self.epoch_seconds)}, a thickness search ≈ "
-            f"{_duration(self.search_seconds)}"
+            f"an Adam step ≈ {format_duration(self.epoch_seconds)}, a thickness search ≈ "
+            f"{format_duration(self.search_seconds)}"
         )
         if steps:
-            text += f"; {steps} steps ≈ {_duration(steps * self.epoch_seconds)}"
+            text += f"; {steps} steps ≈ {format_duration(steps * self.epoch_seconds)}"
         return text
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """A duration for people: "4.2 s", "95 s", "12.5 min", "3.1 h"."""
     if seconds < 120:
         return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
     if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
+        return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
 
 

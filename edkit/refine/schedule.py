@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from edkit.errors import EdkitError
 from edkit.refine import checkpoint
+from edkit.refine.estimate import format_duration
 
 if TYPE_CHECKING:
     from edkit.refine.refinement import Refinement
@@ -263,18 +264,10 @@ class StepTimeEstimate:
         )
         limit = "at most " if self.at_most else ""
         self.say(
-            f"step {refinement.step_count} took {_duration(took)}; at that rate the {limit}"
-            f"{left} Adam step(s) left take {limit}about {_duration(left * took)} ({basis}; "
+            f"step {refinement.step_count} took {format_duration(took)}; at that rate the {limit}"
+            f"{left} Adam step(s) left take {limit}about {format_duration(left * took)} ({basis}; "
             "Levenberg–Marquardt rounds and checkpoints not included)"
         )
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 class DeferredInterrupt:
