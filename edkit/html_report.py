@@ -148,14 +148,14 @@ def render_html_report(
         parts.append("<h2>Figures</h2>")
         parts += [_image(Path(p)) for p in figures]
     if options:
-        rows = [(name, json_text(value)) for name, value in sorted(options.items())]
+        rows = [(name, _setting_text(value)) for name, value in sorted(options.items())]
         parts += ["<h2>Settings</h2>", _table(("option", "value"), rows, numeric=())]
     parts.append(f"<p class=note>{html.escape(str(report.get('conventions', '')))}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def json_text(value: Any) -> str:
+def _setting_text(value: Any) -> str:
     """A setting as text: tuples as comma lists, None as "none"."""
     if value is None:
         return "none"
