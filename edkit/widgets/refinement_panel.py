@@ -6,12 +6,15 @@ live curves of the loss, the mean per-frame R_obs and wR_obs (a ``hv.streams.Buf
 refined parameters with their shifts and standard uncertainties.
 
 Steps run in a background thread so the kernel stays responsive; Stop takes effect between
-steps. One lock per refinement serialises every call into it from the widgets, so two panels on
-the same refinement never step it concurrently.
+steps. The thread only computes: every change to a widget or plot runs on the kernel's own
+thread (:class:`~edkit.widgets.ui_thread.UiThread`), since Bokeh documents are not
+thread-safe. One lock per refinement serialises every call into it from the widgets, so two
+panels on the same refinement never step it concurrently.
 """
 
 import html
 import threading
+import time
 from typing import Any
 
 import holoviews as hv
@@ -23,6 +26,7 @@ from edkit.refine.refinement import GROUPS, Refinement
 from edkit.widgets.bridge import HoloViewsWidget, extension, refinement_lock
 from edkit.widgets.parameter_table import parameter_table
 from edkit.widgets.thickness import ThicknessView
+from edkit.widgets.ui_thread import UiThread
 
 __all__ = ["RefinementPanel"]
 
@@ -73,6 +77,7 @@ class RefinementPanel:
         extension()
         self.refinement = refinement
         self._lock = refinement_lock(refinement)
+        self._ui = UiThread()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._syncing = False
@@ -224,10 +229,19 @@ class RefinementPanel:
         return self._thread is not None and self._thread.is_alive()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the background work to end (at most ``timeout`` s); True when it has."""
+        """Wait for the background work to end (at most ``timeout`` s); True when it has.
+
+        Called in a notebook cell, it also shows each step's updates while it waits (the
+        kernel's loop, which would show them otherwise, is blocked by the cell)."""
         thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while thread is not None and thread.is_alive():
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0:
+                break
+            thread.join(left)
+            self._ui.drain()
+        self._ui.drain()
         return not self.running
 
     def step(self) -> bool:
@@ -257,6 +271,7 @@ class RefinementPanel:
     def _start(self, target: Any, *args: Any) -> bool:
         if self.running:
             return False
+        self._ui.drain()  # the last run's closing updates first (they re-enable the buttons)
         self._stop.clear()
         self._problem = ""
         self.last_error = None
@@ -277,21 +292,18 @@ class RefinementPanel:
             self._activity = f"stopped at step {self.refinement.step_count}"
         finally:
             release_freed_heap()  # what compiling and rendering freed, back to the OS
-            try:
-                self._set_busy(False)
-                self._refresh_status()
-            except Exception as error:  # pragma: no cover - a broken front end
-                self.last_error = error
+            self._ui.call(self._set_busy, False)
+            self._ui.call(self._refresh_status)
 
     def _steps(self, n: int) -> None:
-        self.progress.max, self.progress.value = n, 0
+        self._ui.call(self._set_progress, 0, n)
         done = 0
         for i in range(n):
             if self._stop.is_set():
                 break
             compiling = " (the first step compiles)" if not self._stepped else ""
             self._activity = f"running step {i + 1} of {n}{compiling}…"
-            self._refresh_status()
+            self._ui.call(self._refresh_status)
             with self._lock:
                 record = self.refinement.step(1)
             self._stepped = True
@@ -303,31 +315,53 @@ class RefinementPanel:
         )
 
     def _after_step(self, record: dict[str, float], done: int) -> None:
-        self.progress.value = done
+        """Worker thread: gather what the step changed, then show it on the kernel's thread."""
+        row = None
         if record.get("diverged"):
             messages = self.refinement.messages
             self._problem = messages[-1] if messages else f"step {record.get('step')}: diverged"
-            self._sync_controls()
         elif "loss" in record and "r_obs_mean_frame" in record:
-            self.curve_stream.send(
-                {
-                    "step": np.array([float(record["step"])]),
-                    **{name: np.array([float(record[name])]) for name in CURVES},
-                }
-            )
-        self._refresh_table()
+            row = {
+                "step": np.array([float(record["step"])]),
+                **{name: np.array([float(record[name])]) for name in CURVES},
+            }
+        table = parameter_table(self.refinement)
+        thickness = None
         if self.thickness_view is not None:
             with self._lock:
-                self.thickness_view.update()
+                thickness = self.thickness_view.snapshot()
+        self._ui.call(self._show_step, done, row, table, thickness, bool(record.get("diverged")))
+
+    def _show_step(
+        self,
+        done: int,
+        row: dict[str, np.ndarray] | None,
+        table: str,
+        thickness: Any,
+        diverged: bool,
+    ) -> None:
+        """Kernel's thread: one step's progress, curve point, table, thickness and status."""
+        self.progress.value = done
+        if diverged:
+            self._sync_controls()
+        if row is not None:
+            self.curve_stream.send(row)
+        self.table.value = table
+        if self.thickness_view is not None and thickness is not None:
+            self.thickness_view.show(thickness)
         self._refresh_status()
+
+    def _set_progress(self, value: int, maximum: int) -> None:
+        self.progress.max, self.progress.value = maximum, value
 
     def _uncertainties(self) -> None:
         self._activity = "computing s.u.'s (JᵀWJ; the first call compiles)…"
-        self._refresh_status()
+        self._ui.call(self._refresh_status)
         with self._lock:
             self.refinement.uncertainties()
         self._activity = f"s.u.'s at step {self.refinement.step_count}"
-        self._refresh_table()
+        table = parameter_table(self.refinement)
+        self._ui.call(setattr, self.table, "value", table)
 
     def _set_busy(self, busy: bool) -> None:
         self.step_button.disabled = busy

@@ -113,11 +113,22 @@ class ThicknessView:
     # ------------------------------------------------------------------------------ update
     def update(self) -> None:
         """Re-read the refinement's thickness and push it to the plots (through the streams)."""
-        self.stream.send(self._profile_data())
+        self.show(self.snapshot())
+
+    def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """The refinement's thickness now: the profile (see ``stream``) and the map's arrays
+        (see ``map_stream``; None without a map). Reads the refinement, touches no widget."""
+        thickness_map = None
         if self.map_stream is not None:
             thickness_map = self.refinement.thickness_map(self.map_resolution)
-            if thickness_map is not None:
-                self.map_stream.send(_map_data(thickness_map))
+        return self._profile_data(), None if thickness_map is None else _map_data(thickness_map)
+
+    def show(self, snapshot: tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]) -> None:
+        """Push a :meth:`snapshot` to the plots and the summary (on the kernel's thread)."""
+        profile, thickness_map = snapshot
+        self.stream.send(profile)
+        if self.map_stream is not None and thickness_map is not None:
+            self.map_stream.send(thickness_map)
         self.summary.value = self._summary()
 
     def _ipython_display_(self) -> None:
