@@ -33,6 +33,7 @@ from edkit.refine import core
 from edkit.refine.refinement import GROUPS
 from edkit.widgets import (
     BlochExplorer,
+    Dashboard,
     FrameComparison,
     HoloViewsWidget,
     RefinementPanel,
@@ -170,8 +171,11 @@ def test_panel_builds(template) -> None:
     r = fresh(template)
     panel = RefinementPanel(r, run_steps=5)
     assert isinstance(panel, RefinementPanel)
-    with pytest.warns(DeprecationWarning, match="RefinementPanel"):
-        assert isinstance(r.panel(run_steps=5), RefinementPanel)  # the deprecated shim
+    dashboard = r.panel(run_steps=5)  # the dashboard, with the panel's methods
+    assert isinstance(dashboard, Dashboard) and dashboard.run_steps.value == 5
+    assert dashboard.step == dashboard.panel.step
+    with pytest.warns(DeprecationWarning, match="thickness_view"):
+        assert isinstance(r.panel(thickness_view=True), Dashboard)  # an older notebook's call
     assert isinstance(panel.widget, ipywidgets.VBox)
     assert panel.step_button.description == "Step"
     assert panel.run_button.description == "Run"

@@ -358,17 +358,28 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
         True if it did (see :func:`edkit.refine.research.search_again`)."""
         return research.search_again(self, tolerance=tolerance, progress=progress)
 
-    def panel(self, **options: Any) -> Any:
-        """Deprecated: use ``edkit.widgets.RefinementPanel(refinement, **options)`` (this layer
-        does not import the widgets above it; the shim stays for existing notebooks)."""
-        warnings.warn(
-            "Refinement.panel() is deprecated; use edkit.widgets.RefinementPanel(refinement)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        from edkit.widgets.refinement_panel import RefinementPanel  # deprecated shim, lazily
+    def panel(self, run_steps: int = 20, **legacy: Any) -> Any:
+        """The dashboard of this refinement in Jupyter: ``edkit.widgets.Dashboard(self)``.
 
-        return RefinementPanel(self, **options)
+        Tabs *Refine* (Step/Run/Stop, learning rates, live curves, the parameter table with
+        s.u.'s), *Thickness* (updated after every step) and *Frames* (measured against
+        simulated spots). The panel's ``step()``, ``run()``, ``stop()``, ``wait()`` are the
+        dashboard's. ``run_steps``: the Run button's number of steps. Needs the ``jupyter``
+        extra. (The one import from this layer upward, lazily: see pyproject's import-linter.)
+        """
+        if "thickness_view" in legacy:
+            legacy.pop("thickness_view")
+            warnings.warn(
+                "Refinement.panel(thickness_view=...) is ignored: the dashboard always shows "
+                "the thickness in its own tab",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        if legacy:
+            raise TypeError(f"Refinement.panel() got unexpected options {sorted(legacy)}")
+        from edkit.widgets.dashboard import Dashboard  # lazily: the jupyter extra is optional
+
+        return Dashboard(self, run_steps=run_steps)
 
     # ------------------------------------------------------------------------------ results
     @property
