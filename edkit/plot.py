@@ -14,6 +14,7 @@ R-factors are shown in %.
     plot.thickness(refinement.thickness)
     plot.f_obs_vs_f_calc(refinement.simulated())
     plot.frame_spots(refinement.simulated(), frame=12)  # one frame in the detector plane
+    plot.rocking_curve(refinement.simulated(), (1, 0, 1))  # one reflection over the frames
 """
 
 from pathlib import Path
@@ -27,11 +28,13 @@ from edkit.errors import EdkitError
 from edkit.io.atomic import write_atomically
 
 __all__ = [
-    "FIGURES", "convergence", "f_obs_vs_f_calc", "frame_spots", "frames", "thickness",
-    "write_figures",
+    "FIGURES", "convergence", "f_obs_vs_f_calc", "frame_spots", "frames", "rocking_curve",
+    "rocking_curves", "thickness", "write_figures",
 ]  # fmt: skip
 #: The PNG files :func:`write_figures` writes.
-FIGURES = ("convergence.png", "frames.png", "thickness.png", "f_obs_vs_f_calc.png")
+FIGURES = (
+    "convergence.png", "frames.png", "thickness.png", "f_obs_vs_f_calc.png", "rocking_curves.png",
+)  # fmt: skip
 
 
 def _axes(ax: Axes | None, size: tuple[float, float] = (6.0, 3.6)) -> Axes:
@@ -188,12 +191,84 @@ def frame_spots(simulated: xr.Dataset, frame: int, ax: Axes | None = None) -> Fi
     return _figure(ax)
 
 
+def _most_sampled(simulated: xr.Dataset, count: int) -> list[tuple[int, int, int]]:
+    """The ``count`` reflections (h, k, l) measured on the most frames (ties: the strongest)."""
+    hkl = np.stack([np.asarray(simulated[n].values, dtype=int) for n in "hkl"], axis=1)
+    unique, inverse, frames_seen = np.unique(hkl, axis=0, return_inverse=True, return_counts=True)
+    summed = np.bincount(inverse.ravel(), weights=np.asarray(simulated["I_obs"].values))
+    order = np.lexsort((-summed, -frames_seen))[:count]
+    return [(int(a), int(b), int(c)) for a, b, c in unique[order]]
+
+
+def rocking_curve(
+    simulated: xr.Dataset, hkl: tuple[int, int, int] | None = None, ax: Axes | None = None
+) -> Figure:
+    """One reflection across the frames it was measured on: I_obs ± σ (points) and I_calc on
+    each frame's scale (line) against the goniometer angle α (° ; the frame id when the data
+    have no α) — the integrated rocking curve of 3D-ED.
+
+    Args:
+      simulated: ``refinement.simulated()`` or the "simulated" group of ``refinement.nc``
+        (``h``, ``k``, ``l``, ``frame_id``, ``I_obs``, ``sigma``, ``I_calc_scaled``).
+      hkl: the reflection; None: the one measured on the most frames.
+      ax: draw here; None: a new figure.
+
+    Raises:
+      EdkitError: ``hkl`` was not measured.
+    """
+    if hkl is None:
+        hkl = _most_sampled(simulated, 1)[0]
+    h, k, l = (int(i) for i in hkl)
+    rows = np.ones(simulated.sizes["refl"], dtype=bool)
+    for name, index in zip("hkl", (h, k, l), strict=True):
+        rows &= np.asarray(simulated[name].values) == index
+    if not rows.any():
+        raise EdkitError(f"rocking_curve: reflection {h} {k} {l} was not measured on any frame")
+    ax = _axes(ax)
+    frame_ids = np.asarray(simulated["frame_id"].values)[rows]
+    if "alpha" in simulated.coords:
+        frames, alphas = simulated["frame"].values.tolist(), simulated["alpha"].values
+        alpha_of = dict(zip(frames, alphas, strict=True))
+        x = np.array([alpha_of[int(f)] for f in frame_ids], dtype=float)
+        ax.set_xlabel("α (°)")
+    else:
+        x = frame_ids.astype(float)
+        ax.set_xlabel("frame")
+    order = np.argsort(x, kind="stable")
+    x = x[order]
+    i_obs = np.asarray(simulated["I_obs"].values, dtype=float)[rows][order]
+    sigma = np.asarray(simulated["sigma"].values, dtype=float)[rows][order]
+    i_calc = np.asarray(simulated["I_calc_scaled"].values, dtype=float)[rows][order]
+    ax.errorbar(x, i_obs, yerr=sigma, fmt="o", markersize=3, color="black", label="observed")
+    ax.plot(x, i_calc, "-", color="tab:red", label="calculated")
+    ax.set_ylabel("intensity")
+    ax.set_title(f"{h} {k} {l}: {int(rows.sum())} frames", fontsize="medium")
+    ax.legend(fontsize="small")
+    return _figure(ax)
+
+
+def rocking_curves(simulated: xr.Dataset, count: int = 4) -> Figure:
+    """:func:`rocking_curve` of the ``count`` reflections measured on the most frames, in a
+    grid (two per row); what ``edkit refine`` writes as ``rocking_curves.png``."""
+    chosen = _most_sampled(simulated, count)
+    columns = min(2, len(chosen))
+    rows = -(-len(chosen) // columns)
+    figure = Figure(figsize=(5.0 * columns, 3.0 * rows), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
+    for ax, hkl in zip(axes, chosen, strict=False):
+        rocking_curve(simulated, hkl, ax=ax)
+    for ax in axes[len(chosen) :]:
+        ax.set_visible(False)
+    return figure
+
+
 def write_figures(
     results: str | Path, thickness_values: xr.DataArray, out: str | Path
 ) -> list[Path]:
-    """The four figures as PNG files in ``out`` (each written whole or not at all), drawn from
-    ``results`` (a ``refinement.nc`` of :meth:`~edkit.Refinement.write_results`) and the
-    refinement's ``thickness``; what ``edkit refine`` writes beside its report. Returns the paths.
+    """The figures of :data:`FIGURES` as PNG files in ``out`` (each written whole or not at
+    all), drawn from ``results`` (a ``refinement.nc`` of
+    :meth:`~edkit.Refinement.write_results`) and the refinement's ``thickness``; what
+    ``edkit refine`` writes beside its report. Returns the paths.
     """
     with (
         xr.open_dataset(results, group="history", engine="h5netcdf") as history,
@@ -204,6 +279,7 @@ def write_figures(
             frames(simulated),
             thickness(thickness_values),
             f_obs_vs_f_calc(simulated),
+            rocking_curves(simulated),
         )
         figures = dict(zip(FIGURES, drawn, strict=True))
     paths = []

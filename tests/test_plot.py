@@ -90,3 +90,39 @@ def test_frame_spots_in_the_detector_plane(refinement) -> None:
     assert simulated["detector_x"].attrs["units"] == "1/angstrom"
     with pytest.raises(EdkitError, match="frame 999999 has no reflection"):
         plot.frame_spots(simulated, 999999)
+
+
+def test_rocking_curve_follows_one_reflection_over_alpha(data_dir) -> None:
+    """The points are that reflection's I_obs on each of its frames, at the frames' α in
+    increasing order, the line its scaled I_calc; the grid shows the most-sampled ones."""
+    from edkit import EdkitError
+
+    quartz = read_cif(data_dir / "structures" / "quartz.cif")
+    dataset = select_frames(
+        read_pets(data_dir / "pets" / "quartz_experimental.cif_pets"), list(range(30, 36))
+    )
+    consecutive = Refinement(
+        quartz, dataset, g_max=1.0, n_sub=3, thickness_grid=(400.0, 800.0, 400.0)
+    )
+    simulated = consecutive.simulated()
+    assert simulated["alpha"].attrs["units"] == "degree"
+    figure = plot.rocking_curve(simulated)  # the reflection seen on the most frames
+    ax = figure.axes[0]
+    h, k, l = (int(v) for v in ax.get_title().split(":")[0].split())
+    rows = (simulated["h"] == h) & (simulated["k"] == k) & (simulated["l"] == l)
+    hkl = np.stack([simulated[n].values for n in "hkl"], axis=1)
+    _, counts = np.unique(hkl, axis=0, return_counts=True)
+    assert int(rows.sum()) == counts.max() >= 2
+    frame_ids = simulated["frame_id"].values[rows.values]
+    alpha = simulated["alpha"].sel(frame=frame_ids).values
+    order = np.argsort(alpha, kind="stable")
+    calculated = ax.get_lines()[-1]
+    np.testing.assert_allclose(calculated.get_xdata(), alpha[order])
+    np.testing.assert_allclose(
+        calculated.get_ydata(), simulated["I_calc_scaled"].values[rows.values][order]
+    )
+    assert ax.get_xlabel() == "α (°)"
+    grid = plot.rocking_curves(simulated, count=3)
+    assert sum(a.get_visible() for a in grid.axes) == 3
+    with pytest.raises(EdkitError, match="reflection 99 99 99 was not measured"):
+        plot.rocking_curve(simulated, (99, 99, 99))

@@ -215,6 +215,11 @@ def frame_comparison(
             "frames_without_scored": " ".join(str(f) for f in setup.frame[n_scored == 0]),
         },
     )
+    if "alpha" in dataset:  # the goniometer angle of each frame, for plots over the rotation
+        alpha = dataset["alpha"].sel(frame=setup.frame).values
+        result = result.assign_coords(
+            alpha=("frame", alpha, {"units": "degree", "long_name": "goniometer tilt α"})
+        )
     if setup.refl_g_lab is not None:  # the spots' places in the detector plane
         for axis, name in ((0, "detector_x"), (1, "detector_y")):
             result[name] = (
