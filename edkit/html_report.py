@@ -144,6 +144,7 @@ def render_html_report(
         if uncertainties is not None
         else "<p class=note>no standard uncertainties were computed.</p>",
     ]
+    parts += _difference_map(report.get("difference_map"))
     if figures:
         parts.append("<h2>Figures</h2>")
         parts += [_image(Path(p)) for p in figures]
@@ -153,6 +154,32 @@ def render_html_report(
     parts.append(f"<p class=note>{html.escape(str(report.get('conventions', '')))}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _difference_map(summary: Mapping[str, Any] | None) -> list[str]:
+    """The difference map's peak list (``report["difference_map"]`` of ``edkit refine``)."""
+    if not summary:
+        return []
+    rows = [
+        (
+            i + 1,
+            f"{p['height_volt']:+.3f}",
+            f"{p['height_sigma']:+.1f}",
+            " ".join(f"{v:.4f}" for v in p["fract"]),
+            p["nearest_atom"],
+            f"{p['distance']:.2f}",
+        )
+        for i, p in enumerate(summary.get("peaks", []))
+    ]
+    header = ("#", "height V", "height σ", "x y z", "nearest atom", "distance Å")
+    return [
+        "<h2>Difference potential map</h2>",
+        f"<p class=note>Fo−Fc from dynamically corrected amplitudes of "
+        f"{summary.get('unique_reflections')} unique reflections, phased with the model; "
+        f"σ = {float(summary.get('sigma_volt', float('nan'))):.3f} V (RMS over the cell). "
+        f"Maps: {html.escape(', '.join(summary.get('files', [])))}.</p>",
+        _table(header, rows, numeric=(0, 1, 2, 5)),
+    ]
 
 
 def _setting_text(value: Any) -> str:

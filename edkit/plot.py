@@ -15,6 +15,7 @@ R-factors are shown in %.
     plot.f_obs_vs_f_calc(refinement.simulated())
     plot.frame_spots(refinement.simulated(), frame=12)  # one frame in the detector plane
     plot.rocking_curve(refinement.simulated(), (1, 0, 1))  # one reflection over the frames
+    plot.difference_map_slice(refinement.difference_maps(), refinement.crystal)
 """
 
 from pathlib import Path
@@ -24,12 +25,14 @@ import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.io.atomic import write_atomically
+from edkit.refine.fourier import DifferenceMaps
 
 __all__ = [
-    "FIGURES", "convergence", "f_obs_vs_f_calc", "frame_spots", "frames", "rocking_curve",
-    "rocking_curves", "thickness", "write_figures",
+    "FIGURES", "convergence", "difference_map_slice", "f_obs_vs_f_calc", "frame_spots", "frames",
+    "rocking_curve", "rocking_curves", "thickness", "write_figures",
 ]  # fmt: skip
 #: The PNG files :func:`write_figures` writes.
 FIGURES = (
@@ -260,6 +263,70 @@ def rocking_curves(simulated: xr.Dataset, count: int = 4) -> Figure:
     for ax in axes[len(chosen) :]:
         ax.set_visible(False)
     return figure
+
+
+def difference_map_slice(
+    maps: DifferenceMaps,
+    crystal: Crystal,
+    *,
+    peak: int = 0,
+    which: str = "difference",
+    ax: Axes | None = None,
+) -> Figure:
+    """A section of a potential map at constant fractional z through one of the difference
+    peaks, over the cell's x and y (fractional axes), with the atoms within 0.6 Å of the
+    section (labelled) and the listed peaks within 0.3 Å of it (+ peaks, − holes, numbered).
+
+    Args:
+      maps: :meth:`edkit.Refinement.difference_maps`.
+      crystal: the model the maps were phased with (``refinement.crystal``).
+      peak: which peak (0: the largest) the section goes through.
+      which: "difference" (Fo−Fc) or "2fo-fc".
+      ax: draw here; None: a new figure.
+
+    Raises:
+      EdkitError: an unknown ``which`` or ``peak`` out of range.
+    """
+    grids = {"difference": maps.difference, "2fo-fc": maps.two_fo_fc}
+    if which not in grids:
+        raise EdkitError(f"difference_map_slice: which={which!r}; expected one of {list(grids)}")
+    n_peaks = maps.peaks.sizes["peak"]
+    if not 0 <= peak < n_peaks:
+        raise EdkitError(f"difference_map_slice: peak {peak} of {n_peaks} listed peaks")
+    values = np.array(grids[which], copy=False)
+    z = float(maps.peaks["fract"].values[peak][2])
+    layer = round(z * values.shape[2]) % values.shape[2]
+    z = layer / values.shape[2]
+    section = values[:, :, layer].astype(float)
+    ax = _axes(ax, size=(5.2, 4.6))
+    top = float(np.max(np.abs(section))) or 1.0
+    image = ax.imshow(section.T, origin="lower", extent=(0.0, 1.0, 0.0, 1.0), cmap="RdBu_r",
+                      vmin=-top, vmax=top, aspect="auto", interpolation="bilinear")  # fmt: skip
+    _figure(ax).colorbar(image, ax=ax, label="potential (V)")
+    spacing = 1.0 / float(np.sqrt(crystal.reciprocal_metric[2, 2]))  # between z-planes, Å
+    for label, site in zip(crystal.labels, crystal.fract, strict=True):
+        images = np.einsum("kij,j->ki", crystal.rotations, site) + crystal.translations
+        for x, y, w in np.unique(np.round(images % 1.0, 6), axis=0):
+            dz = (w - z + 0.5) % 1.0 - 0.5
+            if abs(dz) * spacing <= 0.6:
+                ax.plot(x, y, "o", color="black", markersize=5)
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize="small")  # fmt: skip
+    for i, (fract, height) in enumerate(
+        zip(maps.peaks["fract"].values, maps.peaks["height_sigma"].values, strict=True)
+    ):
+        dz = (fract[2] - z + 0.5) % 1.0 - 0.5
+        if abs(dz) * spacing <= 0.3:
+            ax.plot(fract[0], fract[1], "+" if height > 0 else "x", color="darkgreen",
+                    markersize=10, markeredgewidth=2)  # fmt: skip
+            ax.annotate(f"{i + 1}: {height:+.1f}σ", (fract[0], fract[1]),
+                        textcoords="offset points", xytext=(5, -10), color="darkgreen",
+                        fontsize="small")  # fmt: skip
+    ax.set_xlabel("x (fractional)")
+    ax.set_ylabel("y (fractional)")
+    name = "Fo−Fc" if which == "difference" else "2Fo−Fc"
+    ax.set_title(f"{name} at z = {z:.3f} (σ = {maps.sigma:.2f} V)", fontsize="medium")
+    return _figure(ax)
 
 
 def write_figures(

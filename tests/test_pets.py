@@ -465,3 +465,12 @@ def test_truncated_after_zone_axis_loop(quartz_text: str, tmp_path: Path) -> Non
     path = _write(tmp_path, cut)
     with pytest.raises(EdkitError, match=rf"{path}: no reflection loop"):
         read_pets(path)
+
+
+def test_select_frames_out_of_range_is_a_clear_error(data_dir) -> None:
+    """Positions past the last frame (e.g. PETS ids 1…n taken for positions) name the count."""
+    from edkit import EdkitError, read_pets, select_frames
+
+    dataset = read_pets(data_dir / "pets" / "glycine_dyn.cif_pets")
+    with pytest.raises(EdkitError, match=r"has 31 frames \(positions 0–30\)"):
+        select_frames(dataset, [1, 31])

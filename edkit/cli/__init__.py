@@ -106,9 +106,12 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     report["improved"] = bool(report["wr_all"] is not None and report["wr_all"] < start_wr)
     if args.resume is not None:
         report["resumed_from"] = str(args.resume_folder)
+    simulated = refinement.simulated()  # one forward pass for the results, map and fcf
+    report["difference_map"] = _difference_map(refinement, simulated, out)
+    refinement.write_fcf(out / "reflections.fcf", simulated)
     text = json.dumps(finite_or_none(report), indent=1)
     write_atomically(out / "report.json", lambda path: path.write_text(text))
-    refinement.write_results(out / "refinement.nc")
+    refinement.write_results(out / "refinement.nc", simulated)
     from edkit.html_report import write_html_report
     from edkit.plot import write_figures  # matplotlib only when there is something to draw
     from edkit.refine.options import options_json
@@ -122,6 +125,34 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
         f"{Path(str(run.get('data'))).name}",
     )  # fmt: skip
     return report, out
+
+
+def _difference_map(refinement: Any, simulated: Any, out: Path) -> dict[str, Any]:
+    """Write difference.ccp4 and 2fo-fc.ccp4 into ``out``; report.json's summary of them
+    (σ in V, the ten largest peaks and holes with their nearest atoms)."""
+    maps = refinement.difference_maps(simulated=simulated, peaks=10)
+    files = maps.write_ccp4(out)
+    peaks = maps.peaks
+    largest = float(peaks["height_sigma"].values[0]) if peaks.sizes["peak"] else 0.0
+    _say(
+        f"difference map: σ {maps.sigma:.3f} V, largest |peak| {abs(largest):.1f} σ "
+        f"({len(maps.merged.hkl)} unique reflections); {', '.join(p.name for p in files)}"
+    )
+    return {
+        "sigma_volt": maps.sigma,
+        "unique_reflections": len(maps.merged.hkl),
+        "files": [p.name for p in files],
+        "peaks": [
+            {
+                "height_volt": float(peaks["height"].values[i]),
+                "height_sigma": float(peaks["height_sigma"].values[i]),
+                "fract": [float(v) for v in peaks["fract"].values[i]],
+                "nearest_atom": str(peaks["nearest_atom"].values[i]),
+                "distance": float(peaks["distance"].values[i]),
+            }
+            for i in range(peaks.sizes["peak"])
+        ],
+    }
 
 
 def _start(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:

@@ -392,6 +392,26 @@ class Crystal:
             )
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
+    def without(self, *labels: str) -> Crystal:
+        """The same crystal with the atoms ``labels`` removed (an omit model, e.g. for a
+        difference map); the unit cell is expanded afresh.
+
+        Raises:
+          EdkitError: a label that is not an atom of this crystal, or removing every atom.
+        """
+        unknown = [label for label in labels if label not in self.labels]
+        if unknown:
+            raise EdkitError(f"Crystal.without: no atom {unknown}; the atoms are {self.labels}")
+        keep = [i for i, label in enumerate(self.labels) if label not in labels]
+        if not keep:
+            raise EdkitError("Crystal.without: removing every atom leaves no structure")
+        return Crystal.from_asu(
+            self.cell, self.space_group, [self.labels[i] for i in keep],
+            [self.elements[i] for i in keep], self.fract[keep], self.u_cif[keep],
+            self.anisotropic[keep], self.occupancy[keep], self.rotations, self.translations,
+            source=self.source,
+        )  # fmt: skip
+
     def __repr__(self) -> str:
         a, b, c, al, be, ga = self.cell
         name = f" from {self.source}" if self.source else ""

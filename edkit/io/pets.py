@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from edkit.errors import EdkitError
 from edkit.io._pets_format import GEOMETRIES
 from edkit.io._pets_read import read_pets
 from edkit.io._pets_write import write_pets
@@ -37,9 +38,20 @@ def select_frames(dataset: xr.Dataset, index: Any) -> xr.Dataset:
 
     Args:
       dataset: from :func:`read_pets`.
-      index: positional frame selection (an int array, a boolean mask or a slice).
+      index: positional frame selection (an int array, a boolean mask or a slice); positions
+        0 … n_frames − 1, not PETS frame ids (``dataset.sel(frame=ids)`` selects by id).
+
+    Raises:
+      EdkitError: a position outside the dataset's frames, or a mask of the wrong length.
     """
-    frames = dataset.isel(frame=index)
+    try:
+        frames = dataset.isel(frame=index)
+    except IndexError as error:
+        source = dataset.attrs.get("source_file", "the dataset")
+        raise EdkitError(
+            f"select_frames: {source} has {dataset.sizes['frame']} frames (positions 0–"
+            f"{dataset.sizes['frame'] - 1}); the selection does not fit: {error}"
+        ) from None
     keep = np.isin(dataset["frame_id"].values, frames["frame"].values)
     return frames.isel(refl=np.flatnonzero(keep))
 

@@ -12,7 +12,7 @@ import xarray as xr
 from edkit.crystal import Crystal
 from edkit.io.atomic import write_atomically
 from edkit.precision import x64
-from edkit.refine import core, results
+from edkit.refine import core, fourier, results
 from edkit.refine.results import history_dataset
 from edkit.simulate.frames import frame_comparison
 
@@ -85,16 +85,41 @@ class RefinementViews:
             result[name] = self.dataset[name]
         return result
 
-    def write_results(self: Any, path: str | Path) -> Path:
+    def write_results(self: Any, path: str | Path, simulated: xr.Dataset | None = None) -> Path:
         """:attr:`history` and :meth:`simulated` into one netCDF file (groups "history" and
-        "simulated"; what ``edkit refine`` writes as ``refinement.nc``), whole or not at all."""
-        history, simulated = self.history, self.simulated()
+        "simulated"; what ``edkit refine`` writes as ``refinement.nc``), whole or not at all.
+        ``simulated``: an already computed :meth:`simulated` of the current state, reused."""
+        history = self.history
+        simulated = self.simulated() if simulated is None else simulated
 
         def write(temporary: Path) -> None:
             history.to_netcdf(temporary, engine="h5netcdf", group="history")
             simulated.to_netcdf(temporary, engine="h5netcdf", group="simulated", mode="a")
 
         return write_atomically(path, write)
+
+    def difference_maps(
+        self: Any,
+        *,
+        sample_rate: float = 3.0,
+        peaks: int = 20,
+        d_min: float | None = None,
+        simulated: xr.Dataset | None = None,
+    ) -> fourier.DifferenceMaps:
+        """The difference (Fo−Fc) and 2Fo−Fc potential maps of the current state, in volts,
+        from dynamically corrected, merged amplitudes (formula: :mod:`edkit.refine.fourier`),
+        with the difference map's ``peaks`` largest peaks and holes and their nearest atoms.
+        ``sample_rate``: grid points per d_min; ``d_min``: resolution limit of the maps (Å;
+        None: all); ``simulated``: a :meth:`simulated` to reuse."""
+        simulated = self.simulated() if simulated is None else simulated
+        return fourier.difference_maps(
+            simulated, self.crystal, sample_rate=sample_rate, peaks=peaks, d_min=d_min
+        )
+
+    def write_fcf(self: Any, path: str | Path, simulated: xr.Dataset | None = None) -> Path:
+        """The reflection file (h, k, l, I_obs, σ, I_calc on the frame's scale, status, frame,
+        scale; one row per measurement; :func:`edkit.refine.fourier.write_fcf`)."""
+        return fourier.write_fcf(self.simulated() if simulated is None else simulated, path)
 
     @x64
     def report(self: Any) -> dict[str, Any]:
