@@ -18,6 +18,7 @@ R-factors are shown in %.
     plot.difference_map_slice(refinement.difference_maps(), refinement.crystal)
 """
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,34 @@ __all__ = [
 FIGURES = (
     "convergence.png", "frames.png", "thickness.png", "f_obs_vs_f_calc.png", "rocking_curves.png",
 )  # fmt: skip
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _display_in_jupyter() -> None:
+    """Let a Figure returned here show itself as a PNG in a notebook cell. IPython only knows
+    how to draw figures once pyplot's inline backend is loaded, and this module never loads
+    pyplot; so register the PNG formatter for Figure ourselves (only in an IPython session,
+    only where none is registered)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # no IPython: nothing displays anything
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    formatter = shell.display_formatter.formatters["image/png"]
+    try:
+        formatter.lookup_by_type(Figure)
+    except KeyError:
+        formatter.for_type(Figure, _png)
+
+
+_display_in_jupyter()
 
 
 def _axes(ax: Axes | None, size: tuple[float, float] = (6.0, 3.6)) -> Axes:
