@@ -60,14 +60,19 @@ def _lattice_distance(d, real):
 
 
 def test_zero_coefficients_reproduce_the_crystal(crystal) -> None:
+    """Zero coefficients give the crystal back, but for riding H whose Uiso the parent sets
+    (checked in test_riding_hydrogen_uiso_follows_its_parent)."""
     mapping = structure_mapping(crystal)
+    own = mapping.riding_u_factor == 0  # every atom but isotropic riding H
     params = mapping.structure(*_zeros(crystal))
     np.testing.assert_array_equal(np.asarray(params.fract), crystal.fract)
-    np.testing.assert_allclose(np.asarray(params.u_star), crystal.u_star, rtol=1e-14, atol=1e-20)
+    np.testing.assert_allclose(
+        np.asarray(params.u_star)[own], crystal.u_star[own], rtol=1e-14, atol=1e-20
+    )
     np.testing.assert_array_equal(np.asarray(params.occupancy), crystal.occupancy)
     back = mapping.crystal(crystal, *_zeros(crystal))
     np.testing.assert_array_equal(back.fract, crystal.fract)
-    np.testing.assert_allclose(back.u_cif, crystal.u_cif, rtol=1e-14, atol=1e-20)
+    np.testing.assert_allclose(back.u_cif[own], crystal.u_cif[own], rtol=1e-14, atol=1e-20)
     assert back.labels == crystal.labels and back.cell == crystal.cell
 
 
@@ -90,7 +95,7 @@ def test_glycine_hydrogens_ride_and_heavy_atoms_are_free(data_dir) -> None:
     is_h = np.array([e == "H" for e in glycine.elements])
     np.testing.assert_array_equal(mapping.riding_parent >= 0, is_h)
     np.testing.assert_array_equal(mapping.position_mask.sum(axis=1), np.where(is_h, 0, 3))
-    # isotropic: one ΔUiso for heavy atoms; riding H keep their Uiso
+    # isotropic: one ΔUiso for heavy atoms; riding H take theirs from the parent
     np.testing.assert_array_equal(mapping.adp_mask.sum(axis=1), np.where(is_h, 0, 1))
     free = structure_mapping(glycine, riding=False)
     np.testing.assert_array_equal(free.position_mask.sum(axis=1), 3)
@@ -162,6 +167,25 @@ def test_position_coefficients_are_cartesian_angstrom(crystal) -> None:
         shifts = np.array(shifts)
         # each unit coefficient moves the atom by exactly 1 Å, along orthogonal directions
         np.testing.assert_allclose(shifts @ shifts.T, np.eye(len(shifts)), atol=1e-12)
+
+
+def test_riding_hydrogen_uiso_follows_its_parent(data_dir) -> None:
+    """Glycine: the CH2 hydrogens (H1, H2 on C2) take 1.2 × Ueq(C2), the NH3⁺ ones (H3–H5 on
+    N1, a group of three) 1.5 × Ueq(N1); raising the parents' Uiso raises theirs with it."""
+    glycine = _read(data_dir, "glycine")
+    mapping = structure_mapping(glycine)
+    labels = list(glycine.labels)
+    factor = dict(zip(labels, mapping.riding_u_factor, strict=True))
+    assert [factor[h] for h in ("H1", "H2", "H3", "H4", "H5")] == [1.2, 1.2, 1.5, 1.5, 1.5]
+    adp = np.zeros((glycine.n_asu, 6))
+    adp[labels.index("C2"), 0] = 0.01  # ΔUiso of C2 (Å², along its normalised iso direction)
+    crystal = mapping.crystal(glycine, np.zeros((glycine.n_asu, 3)), adp, np.zeros(glycine.n_asu))
+    ueq = dict(zip(labels, crystal.u_iso_equivalent, strict=True))
+    assert ueq["C2"] > glycine.u_iso_equivalent[labels.index("C2")]
+    for h, parent, k in (("H1", "C2", 1.2), ("H2", "C2", 1.2), ("H3", "N1", 1.5)):
+        assert ueq[h] == pytest.approx(k * ueq[parent], rel=1e-9)
+    free = structure_mapping(glycine, riding=False)  # no riding: the file's Uiso stay
+    assert not np.any(free.riding_u_factor)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Positions are refined as Cartesian shifts in Å along an orthonormal basis of each site's allowed
 directions (so one learning rate in Å fits every cell); ADPs as U^cif shifts in Å² along a basis
 of the site-allowed Uij (one parameter, ΔUiso, for isotropic atoms). Hydrogens ride: their
-position follows the parent's shift through the symmetry operator that links them.
+position follows the parent's shift through the symmetry operator that links them, and an
+isotropic riding H takes Uiso = 1.2 × Ueq of its parent (1.5 for hydroxyl H and for the H of
+methyl-like groups, a parent carrying three or more riding H: SHELX's AFIX/Uiso conventions).
 """
 
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from edkit.physics.structure import StructureParams
 
 #: Smallest eigenvalue an ADP tensor may take (Cartesian, Å²) before the penalty acts.
 ADP_FLOOR = 1e-4
+#: Uiso of a riding H over Ueq of its parent: usually, and for OH / CH3-like groups.
+RIDING_U_FACTOR, RIDING_U_FACTOR_GROUP = 1.2, 1.5
 
 
 def _orthonormal_columns(m: np.ndarray, tolerance: float = 1e-8) -> np.ndarray:
@@ -44,6 +48,8 @@ class StructureMapping:
       reciprocal_lengths: |a*|, |b*|, |c*|, Å⁻¹, (3,).
       real_basis: rows a, b, c (Å), (3, 3).
       labels: atom labels.
+      riding_u_factor: Uiso / Ueq(parent) of each isotropic riding H, 0 otherwise, (n,).
+      iso_direction: the U^cif 6-vector of Uiso = 1 Å² in this cell, (6,).
     """
 
     fract0: np.ndarray
@@ -56,6 +62,8 @@ class StructureMapping:
     reciprocal_lengths: np.ndarray
     real_basis: np.ndarray
     labels: tuple[str, ...]
+    riding_u_factor: np.ndarray | None = None
+    iso_direction: np.ndarray | None = None
 
     @property
     def position_mask(self) -> np.ndarray:
@@ -76,8 +84,18 @@ class StructureMapping:
         return jnp.asarray(self.fract0) + shift
 
     def u_cif(self, adp: jax.Array) -> jax.Array:
-        """U^cif 6-vectors, Å², (n, 6), from ADP coefficients (Å²), (n, 6)."""
-        return jnp.asarray(self.u_cif0) + jnp.einsum("nij,nj->ni", self.adp_basis, adp)
+        """U^cif 6-vectors, Å², (n, 6), from ADP coefficients (Å²), (n, 6); a riding H's
+        Uiso follows its parent's Ueq (``riding_u_factor``)."""
+        u = jnp.asarray(self.u_cif0) + jnp.einsum("nij,nj->ni", self.adp_basis, adp)
+        factor = self.riding_u_factor
+        if factor is None or self.iso_direction is None or not np.any(factor > 0):
+            return u
+        m = jnp.asarray(_cartesian_adp_map(self))
+        u_cart = jnp.einsum("ij,njk,lk->nil", m, _matrix(u), m)
+        ueq = jnp.trace(u_cart, axis1=1, axis2=2) / 3.0
+        parents = np.maximum(self.riding_parent, 0)
+        riding = (factor * ueq[parents])[:, None] * jnp.asarray(self.iso_direction)[None, :]
+        return jnp.where((factor > 0)[:, None], riding, u)
 
     def structure(
         self, positions: jax.Array, adp: jax.Array, occupancy_shift: jax.Array
@@ -132,7 +150,8 @@ def structure_mapping(crystal: Crystal, *, riding: bool = True) -> StructureMapp
 
     Args:
       crystal: the starting structure.
-      riding: hydrogens ride on their parent atom (position only; their ADPs stay fixed).
+      riding: hydrogens ride on their parent atom: position, and for an isotropic H its
+        Uiso (1.2 or 1.5 × the parent's Ueq, see the module docstring).
     """
     n = crystal.n_asu
     real = np.asarray(crystal.real_basis)
@@ -151,12 +170,16 @@ def structure_mapping(crystal: Crystal, *, riding: bool = True) -> StructureMapp
                 parent[i] = links_parent[i]
                 riding_rotation[i] = np.asarray(crystal.rotations)[links_op[i]]
     iso_direction = adp_vector(Crystal.u_cif_from_iso(crystal.cell, np.ones(1)))[0]
+    riding_u_factor = np.zeros(n)
+    for h in np.flatnonzero((parent >= 0) & ~np.asarray(crystal.anisotropic)):
+        group = crystal.elements[parent[h]] == "O" or np.sum(parent == parent[h]) >= 3
+        riding_u_factor[h] = RIDING_U_FACTOR_GROUP if group else RIDING_U_FACTOR
     for i in range(n):
         if parent[i] < 0:
             cartesian = real.T @ position_projectors[i]  # allowed shifts as Cartesian columns
             position_basis[i] = to_fract @ _orthonormal_columns(cartesian)
         if parent[i] >= 0:
-            continue  # riding H: position follows the parent, ADPs stay fixed
+            continue  # riding H: position follows the parent, Uiso the parent's Ueq
         if crystal.anisotropic[i]:
             adp_basis[i] = _orthonormal_columns(adp_projectors[i])
         else:
@@ -172,4 +195,6 @@ def structure_mapping(crystal: Crystal, *, riding: bool = True) -> StructureMapp
         reciprocal_lengths=reciprocal_lengths,
         real_basis=real,
         labels=tuple(crystal.labels),
+        riding_u_factor=riding_u_factor,
+        iso_direction=np.asarray(iso_direction, dtype=np.float64),
     )
