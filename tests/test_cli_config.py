@@ -68,7 +68,7 @@ def test_config_values_apply_and_flags_win(tmp_path, files) -> None:
     path.write_text(
         f'structure = "{files["structure"]}"\ndata = "{files["data"]}"\n'
         'g_max = 1.0\nn_sub = 5\nrefine = ["positions", "thickness"]\nevery = 33\n'
-        'memory_limit = "6G"\n'
+        'memory_limit = "6G"\nrestraints = ["DFIX 1.61 Si1 O1", "RIGU"]\n'
     )
     parser = _parser()
     args = parser.parse_args(["refine", "--config", str(path), "--g-max", "1.2"])
@@ -77,6 +77,9 @@ def test_config_values_apply_and_flags_win(tmp_path, files) -> None:
     assert options["g_max"] == 1.2  # the flag wins
     assert options["n_sub"] == 5 and options["refine"] == ("positions", "thickness")
     assert options["memory_limit"] == 6e9
+    assert options["restraints"] == ("DFIX 1.61 Si1 O1", "RIGU")
+    flagged = parser.parse_args(["refine", "--restrain", "SIMU", "--restrain", "RIGU 0.01"])
+    assert options_of(flagged)["restraints"] == ("SIMU", "RIGU 0.01")
     assert args.every == 33 and args.structure == str(files["structure"])
 
 
@@ -88,6 +91,7 @@ def test_config_values_apply_and_flags_win(tmp_path, files) -> None:
         ('thickness = "cubic"\n', r"line 1: thickness = 'cubic': expected one of"),
         ("g_max = \n", r"refine.toml: not valid TOML: .*line 1"),
         ("quiet = 1\n", r"quiet = 1: expected true or false"),
+        ("restraints = [1.6]\n", r"restraints = \[1.6\]: expected a list of instructions"),
     ],
 )
 def test_bad_configs_name_the_file_key_and_line(tmp_path, text, message) -> None:

@@ -83,6 +83,15 @@ def _converted(key: str, value: Any, action: argparse.Action, where: str, folder
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise EdkitError(f"{where}: refine = {value!r}: expected a list of group names")
         return ",".join(value)
+    if key == "restraints":
+        if isinstance(value, str):
+            value = [value]
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise EdkitError(
+                f"{where}: restraints = {value!r}: expected a list of instructions, e.g. "
+                '["DFIX 1.09 C2 H1", "RIGU"]'
+            )
+        return list(value) or None  # [] is the default: no restraints
     if key in PATH_KEYS:
         if not isinstance(value, str):
             raise EdkitError(f"{where}: {key} = {value!r}: expected a path (a string)")
@@ -126,6 +135,8 @@ def template(parser: argparse.ArgumentParser) -> str:
         value = action.default
         if isinstance(action, argparse._StoreTrueAction):
             shown = "true" if value else "false"
+        elif key == "restraints":
+            shown = "[]"  # e.g. ["DFIX 1.09 0.02 C2 H1", "RIGU"]
         elif key == "refine" and isinstance(value, str):
             shown = "[" + ", ".join(f'"{group}"' for group in value.split(",")) + "]"
         elif isinstance(value, bool) or value is None:

@@ -24,6 +24,8 @@ def options_of(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, option.name)
         if option.name == "refine":
             value = tuple(group.strip() for group in value.split(",") if group.strip())
+        if option.name == "restraints":
+            value = tuple(value or ())  # --restrain, repeated
         if option.metadata.get("zero") and value == 0:
             value = None
         kwargs[option.name] = value
@@ -59,7 +61,9 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(RefinementOptions)
     for option in OPTION_FIELDS:
         meta, default = option.metadata, option.default
-        if isinstance(default, tuple):
+        if option.name == "restraints":
+            default = None  # --restrain appends to a list
+        elif isinstance(default, tuple):
             default = ",".join(default)  # --refine: comma-separated
         units = "" if meta["units"] in ("", "1") else f" {meta['units']}"
         shown = meta["none"] if default is None else f"{default}{units}"
@@ -69,6 +73,8 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
             kwargs.update(action="store_const", const=meta["flag"])
         elif option.name == "refine":
             kwargs["metavar"] = "GROUP,..."
+        elif option.name == "restraints":
+            kwargs.update(action="append", metavar="INSTRUCTION")
         elif option.name in CHOICES:
             kwargs["choices"] = CHOICES[option.name]
         elif option.name == "memory_limit":

@@ -27,6 +27,7 @@ from flax import nnx
 
 from edkit.refine.objective import chunk_partial_sum, loss_from_sums
 from edkit.refine.problem import Chunk, Problem
+from edkit.refine.restraints import restraint_residuals
 from edkit.simulate.stack import Potentials, StackConfig, potentials, stack_frames
 
 
@@ -252,6 +253,23 @@ def init(params: Any, problem: Problem) -> RefineState:
     return RefineState(params, problem.optimizer.init(params), jnp.asarray(0))
 
 
+def restraint_sum(params: Any, problem: Problem) -> jax.Array:
+    """Σ r² of the restraints' residuals (0 without restraints): added to the loss's sum N."""
+    if problem.restraints is None:
+        return jnp.zeros(())
+    model = nnx.merge(problem.graphdef, params)
+    structure = problem.mapping.structure(
+        model.positions[...], model.adp[...], model.occupancy[...]
+    )
+    r = restraint_residuals(
+        problem.restraints, structure.fract, structure.u_star, problem.mapping.real_basis
+    )
+    return jnp.sum(r * r)
+
+
+restraint_value = jax.jit(restraint_sum)
+
+
 def penalty_of(params: Any, problem: Problem) -> jax.Array:
     """The ADP penalty (zero while every ADP tensor is positive definite)."""
     model = nnx.merge(problem.graphdef, params)
@@ -309,6 +327,7 @@ def step(state: RefineState, problem: Problem) -> tuple[RefineState, Metrics]:
     (``Metrics.finite`` False; the optimiser counts it).
     """
     train, validation, i_calc, cotangent = accumulate(problem, state.params)
+    train = train + restraint_value(state.params, problem)
     loss, factor = loss_from_sums(problem.objective, train, problem.train_denominator)
     val_loss, _ = loss_from_sums(problem.objective, validation, problem.validation_denominator)
     new_state, penalty, finite, norms = apply_gradient(state, problem, cotangent, factor)
@@ -332,12 +351,17 @@ def parameter_gradient(
     _, pullback = jax.vjp(lambda p: model_intermediates(p, problem), params)
     (grads,) = pullback(jax.tree.map(lambda x: x * factor.astype(x.real.dtype), cotangent))
     penalty, penalty_grads = jax.value_and_grad(penalty_of)(params, problem)
-    return penalty, jax.tree.map(jnp.add, grads, penalty_grads)
+    grads = jax.tree.map(jnp.add, grads, penalty_grads)
+    if problem.restraints is not None:  # their Σr² sits inside the loss's sum, like the data's
+        restraint_grads = jax.grad(restraint_sum)(params, problem)
+        grads = jax.tree.map(lambda g, r: g + factor.astype(g.dtype) * r, grads, restraint_grads)
+    return penalty, grads
 
 
 def value_and_grad(params: Any, problem: Problem) -> tuple[jax.Array, Any]:
     """The training loss (penalty included) and its gradient w.r.t. ``params``, streamed."""
     train, _, _, cotangent = accumulate(problem, params)
+    train = train + restraint_value(params, problem)
     loss, factor = loss_from_sums(problem.objective, train, problem.train_denominator)
     penalty, grads = parameter_gradient(params, problem, cotangent, factor)
     return loss + penalty, grads

@@ -127,6 +127,10 @@ class RefinementOptions:
         cli="--thickness-spread", units="1",
         none="whichever of 1 % and 5 % fits the start better (after the thickness search)",
         help="the profile-net's start spread σ/μ of each frame's thickness (e.g. 0.05)"))
+    restraints: tuple[str, ...] = field(default=(), metadata=_meta(
+        cli="--restrain", none="no restraints",
+        help="a restraint in SHELX syntax, e.g. 'DFIX 1.09 0.02 C2 H1', 'DANG 2.5 O1 O2', "
+        "'SIMU', 'RIGU' (edkit.refine.restraints; repeat the flag for several)"))
     riding: bool = field(default=True, metadata=_meta(
         cli=None, help="riding constraints (hydrogen atoms on their parents)"))
     divergence_factor: float = field(default=3.0, metadata=_meta(
@@ -183,9 +187,10 @@ def options_from(**kwargs: Any) -> RefinementOptions:
             hint = f"did you mean {close[0]!r}?" if close else f"expected one of {OPTION_NAMES}"
             raise EdkitError(f"unknown refinement option {key!r}; {hint}")
     values = dict(kwargs)
-    if isinstance(values.get("refine"), str):
-        values["refine"] = (values["refine"],)
-    for key in ("refine", "thickness_grid", "tilt_weights"):
+    for key in ("refine", "restraints"):
+        if isinstance(values.get(key), str):
+            values[key] = (values[key],)
+    for key in ("refine", "restraints", "thickness_grid", "tilt_weights"):
         if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
     if isinstance(values.get("learning_rates"), dict):
@@ -272,6 +277,10 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     ),
     "thickness_spread": (
         lambda v: v is None or (_is_real(v) and 0 < v < 1), "a fraction 0 < s < 1 or None"
+    ),
+    "restraints": (
+        lambda v: isinstance(v, tuple) and all(isinstance(r, str) for r in v),
+        "a tuple of restraint instructions such as 'DFIX 1.09 C2 H1'",
     ),
     "riding": (lambda v: isinstance(v, bool), "True or False"),
     "divergence_factor": (lambda v: _is_real(v) and v > 1, "a factor > 1"),

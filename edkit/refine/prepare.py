@@ -39,6 +39,7 @@ from edkit.refine.objective import loss_from_sums
 from edkit.refine.options import DEFAULT_LEARNING_RATES, GROUPS, RefinementOptions
 from edkit.refine.planner import MemoryPlan, plan_memory
 from edkit.refine.problem import Problem, build_problem
+from edkit.refine.restraints import parse_restraints
 from edkit.simulate.frames import FrameSetup, build_frame_setup, thickness_search
 from edkit.simulate.stack import stack_config
 
@@ -292,6 +293,14 @@ def _prepare(
         ),
         objective=opts.objective, chunk_frames=plan.chunk_frames, fused=plan.fused,
     )  # fmt: skip
+    if opts.restraints:
+        if opts.objective != "jana":
+            raise EdkitError(
+                f"restraints need objective='jana' (their Σ(Δ/σ)² joins Jana's weighted sum of "
+                f"squares); objective={opts.objective!r}"
+            )
+        restraints = parse_restraints(opts.restraints, crystal)
+        problem = dataclasses.replace(problem, restraints=restraints)
     spread_losses: dict[float, float] = {}
     if isinstance(model.thickness, ProfileNet) and model.thickness.spread:
         spreads = START_SPREADS if opts.thickness_spread is None else (opts.thickness_spread,)

@@ -21,6 +21,7 @@ from edkit import metrics
 from edkit.models.parameters import StructureMapping
 from edkit.models.thickness import FrameFeatures
 from edkit.physics.structure import StructureTables
+from edkit.refine.restraints import RestraintTables
 from edkit.simulate.setup import FrameSetup
 from edkit.simulate.stack import FrameArrays, StackConfig, frame_arrays
 from edkit.simulate.stream import chunk_layout
@@ -76,6 +77,7 @@ class Problem:
       normalisers of the loss (Σ w F_o² for "jana"; the number of frames with a scored
       reflection for "wr2"). fused: a step runs every chunk in one compiled program (the
       planner's choice for problems whose whole working set is small).
+    Leaf: restraints: the restraints' tables (None without restraints).
     """
 
     chunks: tuple[Chunk, ...]
@@ -94,6 +96,7 @@ class Problem:
     validation_denominator: float = struct.field(pytree_node=False, default=1.0)
     fused: bool = struct.field(pytree_node=False, default=False)
     host: HostChunks | None = struct.field(pytree_node=False, default=None)
+    restraints: RestraintTables | None = None
 
     @property
     def chunk_shapes(self) -> list[tuple[int, ...]]:
