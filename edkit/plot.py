@@ -33,7 +33,7 @@ from edkit.refine.fourier import DifferenceMaps
 
 __all__ = [
     "FIGURES", "convergence", "difference_map_slice", "f_obs_vs_f_calc", "frame_spots", "frames",
-    "rocking_curve", "rocking_curves", "thickness", "write_figures",
+    "png_bytes", "rocking_curve", "rocking_curves", "thickness", "write_figures",
 ]  # fmt: skip
 #: The PNG files :func:`write_figures` writes.
 FIGURES = (
@@ -41,7 +41,8 @@ FIGURES = (
 )  # fmt: skip
 
 
-def _png(figure: Figure) -> bytes:
+def png_bytes(figure: Figure) -> bytes:
+    """The figure as PNG bytes (100 dpi, tight), e.g. for an ipywidgets.Image."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return buffer.getvalue()
@@ -63,7 +64,7 @@ def _display_in_jupyter() -> None:
     try:
         formatter.lookup_by_type(Figure)
     except KeyError:
-        formatter.for_type(Figure, _png)
+        formatter.for_type(Figure, png_bytes)
 
 
 _display_in_jupyter()

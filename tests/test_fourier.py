@@ -192,3 +192,22 @@ def test_map_slice_through_the_largest_peak(glycine_without_h1) -> None:
     assert "Fo−Fc" in ax.get_title()
     with pytest.raises(EdkitError, match="which="):
         plot.difference_map_slice(maps, refinement.crystal, which="fo")
+
+
+def test_difference_map_view_follows_the_chosen_peak(glycine_without_h1) -> None:
+    """The widget lists the peaks, shows the section of the chosen one, switches maps."""
+    pytest.importorskip("ipywidgets", reason="the jupyter extra is missing")
+    from edkit.widgets import DifferenceMapView
+
+    _, refinement = glycine_without_h1
+    maps = refinement.difference_maps(peaks=5)
+    view = DifferenceMapView(maps, refinement.crystal)
+    assert len(view.peak.options) == 5 and view.peak.value == 0
+    first = view.image.value
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+    view.peak.value = 3
+    assert view.image.value != first
+    assert view.figure().axes[0].get_title().startswith("Fo−Fc")
+    view.which.value = "2fo-fc"
+    assert view.figure().axes[0].get_title().startswith("2Fo−Fc")
+    assert "σ" in view.table.value

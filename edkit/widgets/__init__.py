@@ -9,6 +9,7 @@ and Bokeh only when one of its names is first used::
     panel = RefinementPanel(refinement, thickness_view=True)
     panel                                           # Step / Run / Stop, rates, live curves
     FrameComparison(refinement)                     # measured vs simulated spots per frame
+    DifferenceMapView(refinement.difference_maps(), refinement.crystal)  # peak by peak
     BlochExplorer()                                 # two-beam vs many-beam, bundled quartz
 
 Every widget has ``.widget`` (its top-level ipywidgets container) and displays itself. Plots
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from edkit.widgets.bloch import BlochExplorer
     from edkit.widgets.bridge import HoloViewsWidget, extension
     from edkit.widgets.dashboard import Dashboard
+    from edkit.widgets.difference_map import DifferenceMapView
     from edkit.widgets.frames import FrameComparison
     from edkit.widgets.refinement_panel import RefinementPanel
     from edkit.widgets.thickness import ThicknessView
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "BlochExplorer": "edkit.widgets.bloch",
     "Dashboard": "edkit.widgets.dashboard",
+    "DifferenceMapView": "edkit.widgets.difference_map",
     "FrameComparison": "edkit.widgets.frames",
     "HoloViewsWidget": "edkit.widgets.bridge",
     "RefinementPanel": "edkit.widgets.refinement_panel",
@@ -40,6 +43,7 @@ _LAZY = {
 __all__ = [
     "BlochExplorer",
     "Dashboard",
+    "DifferenceMapView",
     "FrameComparison",
     "HoloViewsWidget",
     "RefinementPanel",
