@@ -131,7 +131,46 @@ def _extra_value(key: str, value: object) -> str:
         return _bare(float(value))
     if isinstance(value, str):
         return gemmi.cif.quote(value)
-    raise EdkitError(f"extra[{key!r}] = {value!r} is not a number, a (value, su) pair or a string")
+    raise EdkitError(
+        f"extra[{key!r}] = {value!r} is not a number, a (value, su) pair, a string or a loop "
+        "(a mapping column → values)"
+    )
+
+
+def _check_tag(tag: str, taken: set[str]) -> None:
+    """Raise unless ``tag`` is a CIF tag that write_cif (and no earlier extra item) writes."""
+    if not re.match(r"^_[^\s]+$", tag):
+        raise EdkitError(f"extra key {tag!r} is not a CIF tag (expected e.g. '_refine_…')")
+    if tag.lower() in taken or tag.lower().startswith("_atom_site_"):
+        raise EdkitError(f"extra key {tag!r} clashes with an item write_cif writes itself")
+    taken.add(tag.lower())
+
+
+def _add_extra(block: gemmi.cif.Block, extra: Mapping[str, object]) -> None:
+    """The ``extra`` items of :func:`write_cif` into ``block``: pairs, and loops for mappings."""
+    taken = set(_WRITTEN_TAGS)
+    for key, value in extra.items():
+        if isinstance(value, Mapping):
+            columns = [str(c) for c in value]
+            rows = [list(v) for v in value.values()]
+            if not columns or len({len(r) for r in rows}) != 1:
+                raise EdkitError(
+                    f"extra[{key!r}] is a loop whose columns differ in length (or it has none)"
+                )
+            for column in columns:
+                _check_tag(f"{key}_{column}", taken)
+            loop = block.init_loop(f"{key}_", columns)
+            for row in zip(*rows, strict=True):
+                loop.add_row([_extra_value(key, v) for v in row])
+        else:
+            _check_tag(key, taken)
+            block.set_pair(key, _extra_value(key, value))
+
+
+#: gemmi's layout of the written file: pair values in column 33, loop columns aligned.
+_WRITE_OPTIONS = gemmi.cif.WriteOptions()
+_WRITE_OPTIONS.align_pairs = 32
+_WRITE_OPTIONS.align_loops = 30
 
 
 def write_cif(
@@ -145,7 +184,9 @@ def write_cif(
 
     Writes the cell, the H-M symbol and symop loop, the atom_site loop (label, type, x, y, z,
     Uiso or Ueq, adp_type Uiso/Uani, occupancy, multiplicity) and the aniso loop (U_ij) for
-    the anisotropic atoms. An isotropic atom is written with its Ueq.
+    the anisotropic atoms. An isotropic atom is written with its Ueq. The file is built as a
+    gemmi CIF document (every value quoted by gemmi where CIF needs it) and written whole or
+    not at all.
 
     Args:
       crystal: the structure.
@@ -155,7 +196,10 @@ def write_cif(
         omitted. The Uiso s.u. of an isotropic atom is ``sigmas["u_cif"][i, 0, 0]`` (U^cif_11 =
         Uiso); Ueq of anisotropic atoms is written without s.u. (it needs the covariances).
       extra: optional further items, tag → value: a number, a (value, su) pair or a string,
-        e.g. {"_refine_ls_R_factor_obs": 0.0412}.
+        e.g. {"_refine_ls_R_factor_obs": 0.0412}; or a loop, tag prefix → {column: values}
+        (equal lengths), e.g. {"_edkit_parameters": {"group": ["adp"], "number": [9]}} writes
+        ``_edkit_parameters_group`` and ``_edkit_parameters_number``. Non-finite numbers are
+        written "?" (unknown).
 
     Raises:
       EdkitError: bad ``sigmas`` keys or shapes, bad or clashing ``extra`` tags.
@@ -171,72 +215,44 @@ def write_cif(
     stem = Path(crystal.source or path_str).stem
     name = re.sub(r"[^A-Za-z0-9_.\-]", "_", stem) or "edkit"
 
-    out = [f"data_{name}", f"_audit_creation_method 'edkit {__version__}'", ""]
+    document = gemmi.cif.Document()
+    block = document.add_new_block(name)
+    block.set_pair("_audit_creation_method", gemmi.cif.quote(f"edkit {__version__}"))
     for k, tag in enumerate(CELL_TAGS):
-        out.append(f"{tag:<32} {format_with_su(crystal.cell[k], s_cell[k])}")
-    out.append(f"{'_cell_volume':<32} {crystal.volume:.4f}")
-    out.append("")
+        block.set_pair(tag, format_with_su(crystal.cell[k], s_cell[k]))
+    block.set_pair("_cell_volume", f"{crystal.volume:.4f}")
     sg = gemmi.cif.quote(crystal.space_group)
-    out.append(f"{'_space_group_name_H-M_alt':<32} {sg}")
-    out.append(f"{'_symmetry_space_group_name_H-M':<32} {sg}")
-    out += ["", "loop_", "_space_group_symop_id", "_space_group_symop_operation_xyz"]
+    block.set_pair("_space_group_name_H-M_alt", sg)
+    block.set_pair("_symmetry_space_group_name_H-M", sg)
+    symops = block.init_loop("_space_group_symop_", ["id", "operation_xyz"])
     for k in range(crystal.n_ops):
-        out.append(f"{k + 1} {_triplet(crystal.rotations[k], crystal.translations[k])}")
+        triplet = _triplet(crystal.rotations[k], crystal.translations[k])
+        symops.add_row([str(k + 1), gemmi.cif.quote(triplet)])
 
     multiplicity = np.bincount(crystal.site_atom, minlength=n)
     ueq = crystal.u_iso_equivalent
-    out += ["", "loop_"]
-    out += [
-        f"_atom_site_{t}"
-        for t in (
-            "label",
-            "type_symbol",
-            "fract_x",
-            "fract_y",
-            "fract_z",
-            "U_iso_or_equiv",
-            "adp_type",
-            "occupancy",
-            "site_symmetry_multiplicity",
-        )
-    ]
+    columns = ["label", "type_symbol", "fract_x", "fract_y", "fract_z", "U_iso_or_equiv",
+               "adp_type", "occupancy", "site_symmetry_multiplicity"]  # fmt: skip
+    sites = block.init_loop("_atom_site_", columns)
     labels = [gemmi.cif.quote(s) for s in crystal.labels]
-    width = max(len(s) for s in labels) if labels else 1
     for i in range(n):
-        xyz = " ".join(format_with_su(crystal.fract[i, k], s_fract[i, k]) for k in range(3))
-        if crystal.anisotropic[i]:
-            u = format_with_su(ueq[i], None)
-        else:
-            u = format_with_su(ueq[i], s_u[i, 0, 0])
-        adp = "Uani" if crystal.anisotropic[i] else "Uiso"
-        occ = format_with_su(crystal.occupancy[i], s_occ[i])
-        out.append(
-            f"{labels[i]:<{width}} {crystal.elements[i]:<2} {xyz} {u} {adp} {occ} {multiplicity[i]}"
-        )
+        xyz = [format_with_su(crystal.fract[i, k], s_fract[i, k]) for k in range(3)]
+        u_su = None if crystal.anisotropic[i] else s_u[i, 0, 0]
+        sites.add_row([
+            labels[i], crystal.elements[i], *xyz, format_with_su(ueq[i], u_su),
+            "Uani" if crystal.anisotropic[i] else "Uiso",
+            format_with_su(crystal.occupancy[i], s_occ[i]), str(multiplicity[i]),
+        ])  # fmt: skip
 
     aniso = np.flatnonzero(crystal.anisotropic)
     if aniso.size:
-        out += ["", "loop_", "_atom_site_aniso_label", "_atom_site_aniso_type_symbol"]
-        out += [f"_atom_site_aniso_U_{i + 1}{j + 1}" for i, j in ADP_INDICES]
+        u_tags = [f"U_{i + 1}{j + 1}" for i, j in ADP_INDICES]
+        loop = block.init_loop("_atom_site_aniso_", ["label", "type_symbol", *u_tags])
         for a in aniso:
-            us = " ".join(
-                format_with_su(crystal.u_cif[a, i, j], s_u[a, i, j]) for i, j in ADP_INDICES
-            )
-            out.append(f"{labels[a]:<{width}} {crystal.elements[a]:<2} {us}")
+            us = [format_with_su(crystal.u_cif[a, i, j], s_u[a, i, j]) for i, j in ADP_INDICES]
+            loop.add_row([labels[a], crystal.elements[a], *us])
 
     if extra:
-        out.append("")
-        taken = set(_WRITTEN_TAGS)
-        for key, value in extra.items():
-            if not re.match(r"^_[^\s]+$", key):
-                raise EdkitError(f"extra key {key!r} is not a CIF tag (expected e.g. '_refine_…')")
-            if key.lower() in taken or key.lower().startswith("_atom_site_"):
-                raise EdkitError(f"extra key {key!r} clashes with an item write_cif writes itself")
-            taken.add(key.lower())
-            text = _extra_value(key, value)
-            if text.startswith(";"):  # a text field must open at the start of its own line
-                out += [key, text]
-            else:
-                out.append(f"{key:<32} {text}")
-    out.append("")
-    write_atomically(path_str, lambda p: p.write_text("\n".join(out), encoding="utf-8"))
+        _add_extra(block, extra)
+    text = document.as_string(_WRITE_OPTIONS)
+    write_atomically(path_str, lambda p: p.write_text(text, encoding="utf-8"))

@@ -138,6 +138,9 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
         self._least_squares: lm.StructureLeastSquares | None = None
         #: The normal equations last computed, with the state they hold at.
         self._normal_equations: tuple[Any, lm.NormalEquations | None] = (None, None)
+        #: The full normal matrix (every refined parameter) last computed, and its solver.
+        self._full_normal = None
+        self._full_least_squares = None
         #: Why the last :meth:`run` or :meth:`refine_structure` stopped, in words.
         self.stop_reason = ""
 

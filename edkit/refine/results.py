@@ -1,5 +1,6 @@
 """Results of a refinement as data: per-step records, the history Dataset, figures of merit."""
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -7,6 +8,7 @@ import numpy as np
 import xarray as xr
 
 from edkit import metrics
+from edkit.version import __version__
 
 #: Scalar figures recorded at every step (fractions, seconds).
 SCALARS = (
@@ -163,16 +165,130 @@ def finite_or_none(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def cif_figures(report: dict[str, Any]) -> dict[str, Any]:
-    """The refined CIF's figures of merit from :meth:`Refinement.report`."""
+def goodness_of_fit_ref(
+    i_obs: np.ndarray,
+    sigma: np.ndarray,
+    i_calc: np.ndarray,
+    mask: np.ndarray,
+    refl_frame: np.ndarray,
+    n_frames: int,
+    n_params: int,
+) -> float:
+    """sqrt(Σ w (F_o − k_f F_c)² / (N_ref − N_par)) over every reflection of ``mask`` (N_ref of
+    them), Jana's weights and scales as in :func:`figures`: the CIF's
+    ``_refine_ls_goodness_of_fit_ref`` with N_par every refined parameter. NaN when
+    N_ref ≤ N_par."""
+    scale = metrics.jana_scale_per_frame(
+        i_obs[mask], np.maximum(sigma[mask], 1e-12), i_calc[mask], refl_frame[mask], n_frames
+    )
+    jana = metrics.jana_figures(
+        i_obs[mask], sigma[mask], (i_calc * scale[refl_frame])[mask], n_params=n_params
+    )
+    return float(jana["gof_all"])
+
+
+#: Jana2020's weights on |F| (:func:`edkit.metrics.jana_weights`) in CIF text.
+WEIGHTING_DETAILS = (
+    "w = 1/[\\s^2^(Fo) + (0.01Fo)^2^], \\s(Fo) = \\s(Io)/(2Fo), or 5\\s(Io)^1/2^ where "
+    "Io < 0.01\\s(Io) (Jana2020); Fo = Io^1/2^, each frame scaled in closed form"
+)
+#: Jana's "observed" threshold (:func:`edkit.metrics.jana_figures`).
+THRESHOLD_EXPRESSION = "I>3\\s(I)"
+
+
+def _rounded(value: float | None, digits: int) -> float:
+    """``value`` rounded, NaN (written "?") when unknown."""
+    if value is None or not np.isfinite(value):
+        return float("nan")
+    return round(float(value), digits)
+
+
+def cif_items(
+    report: dict[str, Any],
+    *,
+    wavelength: float,
+    voltage: float,
+    reflections: dict[str, int],
+    shift_su: tuple[float, float],
+    thickness_model: str,
+    restraints: int = 0,
+    with_uncertainties: bool = True,
+    undetermined: int = 0,
+) -> dict[str, Any]:
+    """The refinement's items of the refined CIF, tag → value (numbers, strings, and one loop:
+    a mapping column → values), from :meth:`Refinement.report` and what it does not hold.
+
+    Args:
+      report: the refinement's report (with "parameters", "n_parameters_all", "gof_ref").
+      wavelength: electron wavelength, Å.
+      voltage: accelerating voltage, V (written in kV).
+      reflections: "measured" (every reflection of the dataset, frames not merged), "total"
+        (the scored ones, training and validation frames) and "gt" (of those, I > 3σ(I)).
+      shift_su: (max, mean) |shift|/s.u. of the structural parameters (NaN: not computed).
+      thickness_model: the thickness model's name.
+      restraints: number of restraints.
+      with_uncertainties: whether the s.u.'s were computed (the special details say how).
+      undetermined: structural parameters the data leave undetermined once the nuisance
+        parameters are refined (written without s.u.; the special details say so).
+    """
+    counts = {group: int(n) for group, n in report["parameters"].items()}
+    thickness = np.asarray(report["thickness"], dtype=np.float64)
+    described = ", ".join(f"{n} {group}" for group, n in counts.items() if n)
+    su_text = (
+        "S.u.'s from the inverse of the full normal matrix over every refined parameter "
+        "(the thickness, orientation and absorption parameters included, the frame scales "
+        "eliminated in closed form), scaled by the GoF; shift/s.u.: the Gauss-Newton step "
+        "from the final state."
+        if with_uncertainties
+        else "No s.u.'s were computed."
+    )
+    if undetermined:
+        su_text += (
+            f" {undetermined} structural parameters are not determined once the nuisance "
+            "parameters are refined (too few reflections per frame): written without s.u."
+        )
+    details = (
+        f"Dynamical refinement (Bloch waves) of 3D ED data with edkit {__version__}: least "
+        "squares on |F| with Jana2020's weights, one scale per frame in closed form. "
+        f"Thickness model '{thickness_model}': mean {thickness.mean():.1f} A, "
+        f"{thickness.min():.1f}-{thickness.max():.1f} A over {thickness.size} frames. "
+        f"Refined parameters ({report['n_parameters_all']}): {described}; a thickness network "
+        "counts one parameter per fitted frame (the thickness it gives each frame). "
+        f"{su_text} Mean per-frame R_obs (diffBloch) {report['r_obs_mean_frame']:.4f}."
+    )
+    # A text field of short lines (CIF keeps lines under 80 characters).
+    details = "\n".join(textwrap.wrap(details, 78, break_on_hyphens=False))
     return {
-        "_refine_ls_R_factor_gt": round(report["r_obs"], 5),
-        "_refine_ls_R_factor_all": round(report["r_all"], 5),
-        "_refine_ls_wR_factor_gt": round(report["wr_obs"], 5),
-        "_refine_ls_wR_factor_ref": round(report["wr_all"], 5),
-        "_refine_ls_goodness_of_fit_ref": round(report["gof"], 4),
-        "_refine_ls_number_reflns": report["n_all"],
-        "_refine_ls_number_parameters": report["n_parameters"],
-        "_refine_special_details": "edkit hybrid Bloch-wave refinement; "
-        f"mean per-frame R_obs (diffBloch) {report['r_obs_mean_frame']:.4f}",
+        "_computing_structure_refinement": f"edkit {__version__}",
+        "_diffrn_radiation_probe": "electron",
+        "_diffrn_radiation_type": "electron",
+        "_diffrn_radiation_wavelength": round(float(wavelength), 6),
+        "_diffrn_source_voltage": round(float(voltage) / 1000.0, 3),
+        "_diffrn_reflns_number": int(reflections["measured"]),
+        "_reflns_number_total": int(reflections["total"]),
+        "_reflns_number_gt": int(reflections["gt"]),
+        "_reflns_threshold_expression": THRESHOLD_EXPRESSION,
+        "_refine_ls_structure_factor_coef": "F",
+        "_refine_ls_matrix_type": "full",
+        "_refine_ls_weighting_scheme": "sigma",
+        "_refine_ls_weighting_details": WEIGHTING_DETAILS,
+        "_refine_ls_number_reflns": int(report["n_all"]),
+        "_refine_ls_number_parameters": int(report["n_parameters_all"]),
+        "_refine_ls_number_restraints": int(restraints),
+        "_refine_ls_R_factor_gt": _rounded(report["r_obs"], 5),
+        "_refine_ls_R_factor_all": _rounded(report["r_all"], 5),
+        "_refine_ls_wR_factor_gt": _rounded(report["wr_obs"], 5),
+        "_refine_ls_wR_factor_ref": _rounded(report["wr_all"], 5),
+        "_refine_ls_goodness_of_fit_ref": _rounded(report["gof_ref"], 4),
+        "_refine_ls_shift/su_max": _rounded(shift_su[0], 4),
+        "_refine_ls_shift/su_mean": _rounded(shift_su[1], 4),
+        "_edkit_thickness_model": thickness_model,
+        "_edkit_thickness_mean": round(float(thickness.mean()), 1),
+        "_edkit_thickness_min": round(float(thickness.min()), 1),
+        "_edkit_thickness_max": round(float(thickness.max()), 1),
+        "_edkit_refine_ls_parameters": {
+            "group": list(counts),
+            "number": list(counts.values()),
+        },
+        "_refine_special_details": details,
     }

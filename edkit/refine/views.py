@@ -123,16 +123,33 @@ class RefinementViews:
 
     @x64
     def report(self: Any) -> dict[str, Any]:
-        """Figures of merit of the current state (fractions, not %), with their conventions."""
+        """Figures of merit of the current state (fractions, not %), with their conventions.
+
+        "gof" is Jana's GoF(obs) with N_par the structural parameters ("n_parameters", those of
+        the least squares); "parameters" counts every refined parameter by group
+        (:meth:`parameter_counts`), "n_parameters_all" is their sum and "gof_ref" the GoF over
+        every scored reflection with that N_par (the CIF's ``_refine_ls_goodness_of_fit_ref``).
+        """
+        i_calc = self.predict()
+        counts = self.parameter_counts()
+        n_all_parameters = sum(counts.values())
+        gof_ref = results.goodness_of_fit_ref(
+            self.i_obs, self.sigma, i_calc, self.train_mask, self.setup.refl_frame,
+            self.setup.n_frames, n_all_parameters,
+        )  # fmt: skip
         # Jana's GoF: sqrt(Σw(ΔF)²/(N_obs − N_par)) with the refined structural parameters.
         return {
-            **self._figures(self.predict(), n_params=self.n_parameters),
+            **self._figures(i_calc, n_params=self.n_parameters),
             "n_frames": self.setup.n_frames,
             "n_parameters": self.n_parameters,
+            "parameters": counts,
+            "n_parameters_all": n_all_parameters,
+            "gof_ref": gof_ref,
             "steps": self.step_count,
             "seconds": round(self.seconds, 3),
             "thickness": [float(t) for t in self.thickness.values],
             "memory_plan": self.memory_plan.describe(),
             "conventions": "r_obs, r_all, wr_obs, wr_all, gof: Jana2020 on |F| (I > 3σ for obs) "
-            "over Klar-scored reflections; r_obs_mean_frame: diffBloch mean per-frame R_obs",
+            "over Klar-scored reflections; r_obs_mean_frame: diffBloch mean per-frame R_obs; "
+            "gof_ref: over every scored reflection, N_par = n_parameters_all",
         }
