@@ -1,0 +1,96 @@
+"""JointRefinement: one structure against several datasets (edkit.refine.joint)."""
+
+import jax
+import numpy as np
+import pytest
+
+from edkit import EdkitError, Refinement, read_cif, read_pets, select_frames, write_pets
+from edkit.refine import core
+from edkit.refine.joint import JointRefinement
+from edkit.simulate.synthetic import make_dataset
+
+
+@pytest.fixture(scope="module")
+def halves(data_dir, tmp_path_factory):
+    """12 real quartz frames, and their odd and even frames written with write_pets and read
+    back as two datasets."""
+    full = read_pets(data_dir / "pets" / "quartz_experimental.cif_pets")
+    frames = select_frames(full, list(range(20, 44, 2)))
+    folder = tmp_path_factory.mktemp("halves")
+    parts = []
+    for name, positions in (("odd", range(0, 12, 2)), ("even", range(1, 12, 2))):
+        path = folder / f"{name}.cif_pets"
+        write_pets(select_frames(frames, list(positions)), path)
+        parts.append(read_pets(path))
+    return frames, parts
+
+
+def _start_as(single: Refinement, member: Refinement) -> None:
+    """The member's per-frame parameters (thickness, orientations) set to the single
+    refinement's values for the same frames (the thickness search's smoothness prior looks at
+    neighbouring frames, so the halves start a little differently on their own)."""
+    rows = np.searchsorted(single.setup.frame, member.setup.frame)
+    labels = jax.tree.leaves(core.group_labels(single.state))
+    leaves = [
+        theirs[rows] if np.ndim(theirs) and np.shape(theirs)[0] == single.setup.n_frames else own
+        for label, own, theirs in zip(labels, jax.tree.leaves(member.state),
+                                      jax.tree.leaves(single.state), strict=True)
+    ]  # fmt: skip
+    member.state = jax.tree.unflatten(jax.tree.structure(member.state), leaves)
+    member._core_state = core.init(member.state, member.problem)
+
+
+def test_split_dataset_with_per_frame_thickness_is_the_single_refinement(data_dir, halves):
+    """Per-frame thickness, orientations and scales are per frame either way, so from the same
+    start the joint loss and gradient are the single dataset's: the same steps, the same
+    structure."""
+    frames, parts = halves
+    start = read_cif(data_dir / "structures" / "quartz_displaced_03.cif")
+    options = dict(g_max=1.0, n_sub=4, thickness="per-frame", structure_delay=0)
+    single = Refinement(start, frames, **options)
+    joint = JointRefinement(start, parts, names=["odd", "even"], **options)
+    for member in joint.members:
+        _start_as(single, member)
+    single.run(12, progress=False)
+    joint.run(12, progress=False)
+    np.testing.assert_allclose(joint.crystal.fract, single.crystal.fract, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(joint.crystal.u_cif, single.crystal.u_cif, rtol=0, atol=1e-11)
+    report, alone = joint.report(), single.report()
+    assert report["r_obs"] == pytest.approx(alone["r_obs"], rel=1e-6)
+    assert report["n_all"] == alone["n_all"] and report["n_frames"] == 12
+    assert [d["name"] for d in report["datasets"]] == ["odd", "even"]
+    assert sum(d["n_all"] for d in report["datasets"]) == alone["n_all"]
+    assert joint.members[0].history.sizes["step"] == 12  # each dataset keeps its history
+
+
+def test_a_synthetic_pair_with_different_thicknesses_and_scales(data_dir):
+    """Two crystals (500 and 900 Å, counts 10⁵ and 3·10⁴) on different frames of the same
+    rotation: one structure moved toward the truth from quartz_displaced_01, each dataset's
+    thickness its own."""
+    truth = read_cif(data_dir / "structures" / "quartz_kinematical.cif")
+    geometry = read_pets(data_dir / "pets" / "quartz_experimental.cif_pets")
+    thin = make_dataset(truth, select_frames(geometry, list(range(0, 99, 10))), 500.0,
+                        g_max=1.0, n_sub=4, counts=1e5, seed=1)  # fmt: skip
+    thick = make_dataset(truth, select_frames(geometry, list(range(5, 99, 10))), 900.0,
+                         g_max=1.0, n_sub=4, counts=3e4, seed=2)  # fmt: skip
+    start = read_cif(data_dir / "structures" / "quartz_displaced_01.cif")
+    joint = JointRefinement(start, [thin, thick], g_max=1.0, n_sub=4, thickness="constant")
+    joint.run(60, progress=False)
+    joint.use_best()
+    joint.refine_structure(6)  # Gauss–Newton on both datasets' normal equations together
+    error = (joint.crystal.fract - truth.fract) @ truth.real_basis
+    before = (start.fract - truth.fract) @ truth.real_basis
+    rms = float(np.sqrt(np.mean(np.sum(error**2, axis=1))))
+    print(f"RMS position error {rms:.4f} Å (start {np.sqrt(np.mean(np.sum(before**2, 1))):.4f})")
+    print("thickness", [float(m.thickness.mean()) for m in joint.members])
+    # Measured (2026-12-04): 0.084 → 0.026 Å in 60 steps and the joint least squares;
+    # thicknesses 494.6 and 909.6 Å.
+    assert rms < 0.035 and rms < 0.4 * float(np.sqrt(np.mean(np.sum(before**2, axis=1))))
+    for member, expected in zip(joint.members, (500.0, 900.0), strict=True):
+        assert float(member.thickness.mean()) == pytest.approx(expected, rel=0.05)
+
+
+def test_joint_needs_two_datasets(data_dir, halves):
+    start = read_cif(data_dir / "structures" / "quartz.cif")
+    with pytest.raises(EdkitError, match="two or more datasets"):
+        JointRefinement(start, [halves[1][0]])
