@@ -1,5 +1,7 @@
 """JointRefinement: one structure against several datasets (edkit.refine.joint)."""
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -94,3 +96,31 @@ def test_joint_needs_two_datasets(data_dir, halves):
     start = read_cif(data_dir / "structures" / "quartz.cif")
     with pytest.raises(EdkitError, match="two or more datasets"):
         JointRefinement(start, [halves[1][0]])
+
+
+def test_cli_refines_several_datasets(data_dir, halves, tmp_path) -> None:
+    """edkit refine --data A --data B: report.json lists both datasets, the CIF is written."""
+    import json
+
+    import gemmi
+
+    from edkit.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    paths = []
+    for name, part in zip(("odd", "even"), halves[1], strict=True):
+        paths.append(folder / f"{name}.cif_pets")
+        write_pets(part, paths[-1])
+    out = tmp_path / "out"
+    code = main(["refine", "--structure", str(data_dir / "structures" / "quartz.cif"),
+                 "--data", str(paths[0]), "--data", str(paths[1]), "--g-max", "1.0",
+                 "--n-sub", "3", "--steps", "3", "--lm-rounds", "1", "--quiet",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [Path(d["name"]).name for d in report["datasets"]] == ["odd.cif_pets", "even.cif_pets"]
+    assert report["n_all"] == sum(d["n_all"] for d in report["datasets"])
+    assert report["steps"] == 3
+    block = gemmi.cif.read(str(out / "refined.cif")).sole_block()
+    assert "odd.cif_pets" in block.find_value("_refine_special_details")

@@ -311,6 +311,9 @@ def _print_report(report: dict, out: Path) -> None:
     print(f"  {'steps, seconds':18s} {report['steps']}, {report['seconds']}")
     for line in report.get("stages", []):
         print(f"  {line}")
+    if "written" in report:  # a joint refinement writes fewer files
+        print(f"wrote {', '.join(str(out / name) for name in report['written'])}")
+        return
     written = ", ".join(str(out / name) for name in ("refined.cif", "report.html", "report.json"))
     print(f"wrote {written}, {out / 'refinement.nc'} and the figures (convergence, frames, "
           "thickness, F_obs vs F_calc; PNG)")  # fmt: skip
@@ -328,7 +331,11 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (refine, validate):
         # Required unless --resume or --config (checked in main, with argparse's message).
         sub.add_argument("--structure", help="starting CIF file (required)")
-        sub.add_argument("--data", help="PETS2 .cif_pets file (required)")
+        sub.add_argument(
+            "--data", action="append",
+            help="PETS2 .cif_pets file (required); repeat it to refine one structure against "
+            "several datasets (each its own thickness, orientations, scales, cell and UB)",
+        )  # fmt: skip
     demo = commands.add_parser(
         "demo",
         help="refine the bundled real quartz data (every 3rd frame) from the kinematical start",
@@ -367,8 +374,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             if args.structure is None or args.data is None:
                 raise EdkitError("edkit validate needs --structure and --data")
-            print(validate(args))
+            for data in args.data if isinstance(args.data, list) else [args.data]:
+                args.data = data
+                print(validate(args))
             return 0
+        if isinstance(args.data, list) and len(args.data) == 1:
+            args.data = args.data[0]  # one dataset: the ordinary refinement
     except (EdkitError, OSError) as error:
         print(f"edkit: error: {error}", file=sys.stderr)
         return 2
@@ -395,7 +406,12 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.get("XLA_FLAGS", "")
                 + f" --xla_force_host_platform_device_count={devices}"
             ).strip()
-        report, out = _refine(args)
+        if isinstance(args.data, list):
+            from edkit.cli.joint import refine_joint
+
+            report, out = refine_joint(args)
+        else:
+            report, out = _refine(args)
     except _Stopped as stopped:
         print(stopped, file=sys.stderr)
         return 130
