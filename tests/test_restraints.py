@@ -138,3 +138,26 @@ def test_a_restrained_distance_holds_while_the_unrestrained_one_drifts(synthetic
         lengths[restraints] = _si_o_lengths(r.crystal)[0]
     assert abs(lengths[("DFIX 1.432 0.002 Si1 O1",)] - 1.432) < 3 * 0.002
     assert lengths[()] - 1.432 > 3 * 0.002
+
+
+def test_restraints_join_the_least_squares_and_the_gof(synthetic_quartz) -> None:
+    """The Levenberg–Marquardt polish keeps the restrained bond at its target too (its rows
+    are in the normal equations), and the report counts the restraint as an observation."""
+    start, dataset = synthetic_quartz
+    restrained = Refinement(start, dataset, g_max=1.0, n_sub=4, structure_delay=0,
+                            restraints=("DFIX 1.432 0.002 Si1 O1",),
+                            thickness_grid=(400.0, 1200.0, 200.0))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        restrained.run(30, progress=False)
+    restrained.refine_structure(4)
+    assert abs(_si_o_lengths(restrained.crystal)[0] - 1.432) < 3 * 0.002
+    least_squares = restrained._structure_least_squares()
+    data_rows = int(sum(int(np.sum(c.train)) for c in restrained.problem.chunks))
+    assert least_squares.n_residuals == data_rows + 1
+    report = restrained.report()
+    assert report["n_restraints"] == 1 and report["restraint_sum"] < 9.0
+    # The full normal matrix (every refined parameter) takes the restraint's row too.
+    assert restrained.full_normal_matrix()[0].n_residuals == data_rows + 1
+    su = restrained.uncertainties(nuisance=False)
+    assert np.all(np.isfinite(su["fract"][1])) and np.all(su["fract"][1] > 0)

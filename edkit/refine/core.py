@@ -270,6 +270,36 @@ def restraint_sum(params: Any, problem: Problem) -> jax.Array:
 restraint_value = jax.jit(restraint_sum)
 
 
+def restraint_normal_terms(
+    problem: Problem, shifted: Any, n: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The restraints' share of normal equations over ``n`` coefficients θ: (JᵀJ (n, n),
+    Jᵀr (n,), rᵀr ()), with J = ∂r/∂θ at θ = 0 and ``shifted(θ)`` the parameters moved by θ.
+    Zeros without restraints. Each restraint residual counts as one observation."""
+    tables = problem.restraints
+    if tables is None:
+        return jnp.zeros((n, n)), jnp.zeros(n), jnp.zeros(())
+
+    def residuals(theta: jax.Array) -> jax.Array:
+        model = nnx.merge(problem.graphdef, shifted(theta))
+        structure = problem.mapping.structure(
+            model.positions[...], model.adp[...], model.occupancy[...]
+        )
+        return restraint_residuals(
+            tables, structure.fract, structure.u_star, problem.mapping.real_basis
+        )
+
+    theta = jnp.zeros(n)
+    r = residuals(theta)
+    jacobian = jax.jacfwd(residuals)(theta)
+    return jacobian.T @ jacobian, jacobian.T @ r, jnp.sum(r * r)
+
+
+def n_restraint_residuals(problem: Problem) -> int:
+    """Observations the restraints add (0 without restraints)."""
+    return 0 if problem.restraints is None else problem.restraints.n_residuals
+
+
 def penalty_of(params: Any, problem: Problem) -> jax.Array:
     """The ADP penalty (zero while every ADP tensor is positive definite)."""
     model = nnx.merge(problem.graphdef, params)

@@ -39,7 +39,12 @@ import numpy as np
 
 from edkit.errors import EdkitError
 from edkit.progress import progress_bar
-from edkit.refine.core import Intermediates, model_intermediates
+from edkit.refine.core import (
+    Intermediates,
+    model_intermediates,
+    n_restraint_residuals,
+    restraint_normal_terms,
+)
 from edkit.refine.lm import _residuals, _sum_chunks
 from edkit.refine.problem import Chunk, Problem
 from edkit.simulate.stack import StackConfig
@@ -327,7 +332,13 @@ class FullLeastSquares:
             )
         self.problem, self.layout, self.progress = problem, layout, progress
         self.n_residuals = int(sum(int(np.sum(c.train)) for c in problem.chunks))
+        self.n_residuals += n_restraint_residuals(problem)  # restraints are observations
         self._tangents = jax.jit(self._tangents_of)
+        self._restraints = jax.jit(
+            lambda params: restraint_normal_terms(
+                problem, lambda theta: shift_dense(params, layout, theta), layout.n_dense
+            )
+        )
 
     def _tangents_of(
         self, params: Any, problem: Problem
@@ -349,6 +360,10 @@ class FullLeastSquares:
             bar.update()
             sums = _sum_chunks(chunk_full_terms, chunk_full, (z, dense, local), problem, bar)
         host = {k: np.asarray(v, dtype=np.float64) for k, v in sums.items()}
+        if problem.restraints is not None:  # their rows join the dense block (structure only)
+            r_normal, r_gradient, r_cost = map(np.asarray, self._restraints(params))
+            host["A"], host["g"] = host["A"] + r_normal, host["g"] + r_gradient
+            host["cost"] = host["cost"] + r_cost
         return solve(host, self.layout, self.n_residuals)
 
 

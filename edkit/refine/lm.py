@@ -21,6 +21,7 @@ from flax import nnx
 from edkit.errors import EdkitError
 from edkit.metrics import jana_residuals
 from edkit.progress import progress_bar
+from edkit.refine import core
 from edkit.refine.core import (
     Intermediates,
     chunk_intensities,
@@ -143,7 +144,13 @@ class StructureLeastSquares:
         if self.n_free == 0:
             raise EdkitError("no structural parameter is refined (enable 'positions' or 'adp')")
         self.n_residuals = int(sum(int(np.sum(c.train)) for c in problem.chunks))
+        self.n_residuals += core.n_restraint_residuals(problem)  # restraints are observations
         self._tangents: Callable = jax.jit(self._tangents_of)
+        self._restraints: Callable = jax.jit(
+            lambda params: core.restraint_normal_terms(
+                problem, lambda theta: self.shift(params, theta), self.n_free
+            )
+        )
 
     def shift(self, params: Any, theta: np.ndarray) -> Any:
         """``params`` moved by ``theta`` along the free coefficients."""
@@ -168,15 +175,19 @@ class StructureLeastSquares:
             normal, gradient, cost = _sum_chunks(
                 chunk_normal_terms, chunk_normal, (z, tangents), problem, bar
             )
+        if problem.restraints is not None:  # their rows join the data's
+            r_normal, r_gradient, r_cost = self._restraints(params)
+            normal, gradient, cost = normal + r_normal, gradient + r_gradient, cost + r_cost
         return NormalEquations(
             np.asarray(normal), np.asarray(gradient), float(cost), self.n_residuals
         )
 
     def cost(self, params: Any) -> float:
-        """Σ r² at ``params`` (forward only, chunk by chunk)."""
+        """Σ r² at ``params`` (forward only, chunk by chunk; the restraints' Σ r² included)."""
         problem = self.problem
         z = intermediates(params, problem)
-        return float(sum_over_chunks(chunk_cost_terms, chunk_cost, (z,), problem))
+        cost = float(sum_over_chunks(chunk_cost_terms, chunk_cost, (z,), problem))
+        return cost + float(core.restraint_value(params, problem))
 
 
 class LeastSquaresResult(NamedTuple):

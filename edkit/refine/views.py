@@ -128,7 +128,9 @@ class RefinementViews:
         "gof" is Jana's GoF(obs) with N_par the structural parameters ("n_parameters", those of
         the least squares); "parameters" counts every refined parameter by group
         (:meth:`parameter_counts`), "n_parameters_all" is their sum and "gof_ref" the GoF over
-        every scored reflection with that N_par (the CIF's ``_refine_ls_goodness_of_fit_ref``).
+        every scored reflection with that N_par (the CIF's ``_refine_ls_goodness_of_fit_ref``),
+        counting each restraint residual as an observation: sqrt((Σ w ΔF² + Σ r²)/(N_ref +
+        n_restraints − N_par)). "restraint_sum" is the restraints' Σ r² (Δ/σ)².
         """
         i_calc = self.predict()
         counts = self.parameter_counts()
@@ -137,9 +139,19 @@ class RefinementViews:
             self.i_obs, self.sigma, i_calc, self.train_mask, self.setup.refl_frame,
             self.setup.n_frames, n_all_parameters,
         )  # fmt: skip
+        figures = self._figures(i_calc, n_params=self.n_parameters)
+        restraints = self.problem.restraints
+        n_restraints = 0 if restraints is None else restraints.n_residuals
+        restraint_sum = float(core.restraint_value(self.state, self.problem))
+        if n_restraints and np.isfinite(gof_ref):
+            # Each restraint residual is one more observation in the GoF (SHELX, Jana).
+            dof = figures["n_all"] - n_all_parameters
+            gof_ref = float(np.sqrt((gof_ref**2 * dof + restraint_sum) / (dof + n_restraints)))
         # Jana's GoF: sqrt(Σw(ΔF)²/(N_obs − N_par)) with the refined structural parameters.
         return {
-            **self._figures(i_calc, n_params=self.n_parameters),
+            **figures,
+            "n_restraints": n_restraints,
+            "restraint_sum": restraint_sum,
             "n_frames": self.setup.n_frames,
             "n_parameters": self.n_parameters,
             "parameters": counts,
