@@ -49,10 +49,10 @@ def png_bytes(figure: Figure) -> bytes:
 
 
 def _display_in_jupyter() -> None:
-    """Let a Figure returned here show itself as a PNG in a notebook cell. IPython only knows
-    how to draw figures once pyplot's inline backend is loaded, and this module never loads
-    pyplot; so register the PNG formatter for Figure ourselves (only in an IPython session,
-    only where none is registered)."""
+    """Let a Figure returned here show itself as a PNG in a notebook cell. IPython draws
+    figures only once matplotlib's inline backend is loaded, which this module never does (no
+    global figure state); so register the PNG formatter for Figure ourselves (only in an
+    IPython session, only where none is registered)."""
     try:
         from IPython import get_ipython
     except ImportError:  # no IPython: nothing displays anything

@@ -100,7 +100,7 @@ def test_notebooks_are_stored_without_outputs(path):
         assert cell["execution_count"] is None, f"{path.name}: code cell {index} was executed"
 
 
-def test_the_seven_notebooks_exist_and_the_readme_links_them():
+def test_the_eight_notebooks_exist_and_the_readme_links_them():
     names = [path.name for path in NOTEBOOKS]
     assert names == [
         "01_quick_start.ipynb",
@@ -110,6 +110,7 @@ def test_the_seven_notebooks_exist_and_the_readme_links_them():
         "05_bring_your_own_data.ipynb",
         "06_performance.ipynb",
         "07_paper_benchmarks.ipynb",
+        "08_difference_maps.ipynb",
     ]
     readme = (ROOT / "README.md").read_text()
     for name in names:

@@ -140,6 +140,7 @@ def test_a_restrained_distance_holds_while_the_unrestrained_one_drifts(synthetic
     assert lengths[()] - 1.432 > 3 * 0.002
 
 
+@pytest.mark.slow
 def test_restraints_join_the_least_squares_and_the_gof(synthetic_quartz) -> None:
     """The Levenberg–Marquardt polish keeps the restrained bond at its target too (its rows
     are in the normal equations), and the report counts the restraint as an observation."""
@@ -149,7 +150,7 @@ def test_restraints_join_the_least_squares_and_the_gof(synthetic_quartz) -> None
                             thickness_grid=(400.0, 1200.0, 200.0))  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        restrained.run(30, progress=False)
+        restrained.run(10, progress=False)
     restrained.refine_structure(4)
     assert abs(_si_o_lengths(restrained.crystal)[0] - 1.432) < 3 * 0.002
     least_squares = restrained._structure_least_squares()
