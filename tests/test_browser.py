@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from edkit.plot import FIGURES
+
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,7 +252,7 @@ def test_html_report_opens_offline_in_chromium(data_dir, tmp_path):
             decoded = page.evaluate(
                 "() => [...document.images].map(i => i.complete && i.naturalWidth > 0)"
             )
-            assert len(decoded) == 4 and all(decoded)
+            assert len(decoded) == len(FIGURES) and all(decoded)
             text = page.inner_text("body")
             assert "Figures of merit" in text and "Refined parameters" in text and "Si1" in text
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
