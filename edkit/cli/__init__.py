@@ -17,6 +17,7 @@ from typing import Any
 
 from edkit.cli.config import apply_config, template, validate
 from edkit.cli.flags import DEFAULT_OUT, OPTION_FIELDS, add_refine_options, options_of
+from edkit.cli.outputs import difference_map_summary
 from edkit.errors import EdkitError
 from edkit.examples import example_file
 from edkit.io.atomic import write_atomically
@@ -107,7 +108,7 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     if args.resume is not None:
         report["resumed_from"] = str(args.resume_folder)
     simulated = refinement.simulated()  # one forward pass for the results, map and fcf
-    report["difference_map"] = _difference_map(refinement, simulated, out)
+    report["difference_map"] = difference_map_summary(refinement, simulated, out, _say)
     refinement.write_fcf(out / "reflections.fcf", simulated)
     text = json.dumps(finite_or_none(report), indent=1)
     write_atomically(out / "report.json", lambda path: path.write_text(text))
@@ -125,34 +126,6 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
         f"{Path(str(run.get('data'))).name}",
     )  # fmt: skip
     return report, out
-
-
-def _difference_map(refinement: Any, simulated: Any, out: Path) -> dict[str, Any]:
-    """Write difference.ccp4 and 2fo-fc.ccp4 into ``out``; report.json's summary of them
-    (σ in V, the ten largest peaks and holes with their nearest atoms)."""
-    maps = refinement.difference_maps(simulated=simulated, peaks=10)
-    files = maps.write_ccp4(out)
-    peaks = maps.peaks
-    largest = float(peaks["height_sigma"].values[0]) if peaks.sizes["peak"] else 0.0
-    _say(
-        f"difference map: σ {maps.sigma:.3f} V, largest |peak| {abs(largest):.1f} σ "
-        f"({len(maps.merged.hkl)} unique reflections); {', '.join(p.name for p in files)}"
-    )
-    return {
-        "sigma_volt": maps.sigma,
-        "unique_reflections": len(maps.merged.hkl),
-        "files": [p.name for p in files],
-        "peaks": [
-            {
-                "height_volt": float(peaks["height"].values[i]),
-                "height_sigma": float(peaks["height_sigma"].values[i]),
-                "fract": [float(v) for v in peaks["fract"].values[i]],
-                "nearest_atom": str(peaks["nearest_atom"].values[i]),
-                "distance": float(peaks["distance"].values[i]),
-            }
-            for i in range(peaks.sizes["peak"])
-        ],
-    }
 
 
 def _start(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
