@@ -144,6 +144,7 @@ def render_html_report(
         if uncertainties is not None
         else "<p class=note>no standard uncertainties were computed.</p>",
     ]
+    parts += _datasets(report.get("datasets"))
     parts += _difference_map(report.get("difference_map"))
     if figures:
         parts.append("<h2>Figures</h2>")
@@ -154,6 +155,25 @@ def render_html_report(
     parts.append(f"<p class=note>{html.escape(str(report.get('conventions', '')))}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _datasets(datasets: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    """Each dataset's own figures (``report["datasets"]`` of a joint refinement)."""
+    if not datasets:
+        return []
+    rows = [
+        (
+            Path(str(d.get("name"))).name, d.get("n_frames"),
+            f"{d.get('n_obs')} / {d.get('n_all')}",
+            _percent(d.get("r_obs")), _percent(d.get("wr_all")),
+            _percent(d.get("r_obs_mean_frame")),
+            f"{float(np.mean(d['thickness'])):.0f}" if d.get("thickness") else "—",
+        )
+        for d in datasets
+    ]  # fmt: skip
+    header = ("dataset", "frames", "observed / scored", "R_obs", "wR_all", "R_obs (mean per "
+              "frame)", "mean thickness (Å)")  # fmt: skip
+    return ["<h2>Datasets</h2>", _table(header, rows, numeric=(1, 2, 3, 4, 5, 6))]
 
 
 def _difference_map(summary: Mapping[str, Any] | None) -> list[str]:

@@ -1,5 +1,6 @@
 """Test set-up: float64 physics, strict rank promotion (style.md §8)."""
 
+import gc
 from pathlib import Path
 
 import jax
@@ -11,6 +12,21 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 DATA = Path(__file__).resolve().parents[1] / "edkit" / "data"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module: JAX's compiled programs and traces dropped, garbage collected.
+
+    Every program XLA compiles for the CPU maps its code into the process (about nine memory
+    mappings for a small one, more for a large one), and a process may hold at most
+    ``vm.max_map_count`` mappings (65530 by default). One pytest process runs every test, and
+    the programs kept by jitted functions' caches add up: the slow tests, run one after the
+    other, reached the limit, and XLA's compiler then crashed with a segmentation fault (CI,
+    2026-12-04, in tests/test_pattern.py). Clearing the caches returns the mappings."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

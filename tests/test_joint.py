@@ -63,6 +63,24 @@ def test_split_dataset_with_per_frame_thickness_is_the_single_refinement(data_di
     assert [d["name"] for d in report["datasets"]] == ["odd", "even"]
     assert sum(d["n_all"] for d in report["datasets"]) == alone["n_all"]
     assert joint.members[0].history.sizes["step"] == 12  # each dataset keeps its history
+    history = joint.history  # the joint figures, each dataset's, and the shared structure
+    assert history.sizes == {"step": 12, "dataset": 2, "atom": 2, "xyz": 3}
+    np.testing.assert_allclose(history["r_obs"], single.history["r_obs"], rtol=1e-6)
+    np.testing.assert_allclose(history["fract"], single.history["fract"], rtol=0, atol=1e-9)
+    assert list(history["dataset"].values) == ["odd", "even"]
+    np.testing.assert_allclose(
+        history["r_obs_by_dataset"].sel(dataset="even"), joint.members[1].history["r_obs"]
+    )
+    # The full normal matrix: per-frame nuisance parameters are per frame either way, so the
+    # joint s.u.'s (each dataset's nuisance eliminated on its own, the structural blocks
+    # summed) are the single dataset's, and larger than the structure-only ones.
+    su, su_alone = joint.uncertainties(), single.uncertainties()
+    assert float(su["gof"]) == pytest.approx(float(su_alone["gof"]), rel=1e-8)
+    np.testing.assert_allclose(su["fract"], su_alone["fract"], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(su["u_cif"], su_alone["u_cif"], rtol=1e-6, atol=1e-12)
+    held = joint.uncertainties(nuisance=False)
+    free = su["fract"] > 0
+    assert np.all(su["fract"][free] >= held["fract"][free]) and joint.last_uncertainties
 
 
 @pytest.mark.slow
@@ -97,6 +115,24 @@ def test_joint_needs_two_datasets(data_dir, halves):
     start = read_cif(data_dir / "structures" / "quartz.cif")
     with pytest.raises(EdkitError, match="two or more datasets"):
         JointRefinement(start, [halves[1][0]])
+    with pytest.raises(EdkitError, match="two or more datasets"):
+        Refinement(start, [halves[1][0]])
+
+
+def test_refinement_of_a_list_is_a_joint_refinement_driven_like_one(data_dir, halves):
+    """Refinement(crystal, [a, b]) is a JointRefinement; a learning rate or a switch set on it
+    reaches every dataset, and its step records carry the joint figures."""
+    start = read_cif(data_dir / "structures" / "quartz.cif")
+    joint = Refinement(start, halves[1], g_max=0.8, n_sub=3, thickness="per-frame")
+    assert isinstance(joint, JointRefinement) and joint.names[0].endswith("odd.cif_pets")
+    joint.set_learning_rate("adp", 1e-5)
+    joint.set_enabled("orientation", False)
+    for member in joint.members:
+        assert member.base_learning_rates["adp"] == 1e-5 and not member.enabled["orientation"]
+    record = joint.step(1)
+    assert {"loss", "r_obs", "wr_obs", "r_obs_mean_frame", "r_obs_0", "r_obs_1"} <= set(record)
+    assert record["step"] == 0 and joint.step_count == 1
+    assert joint.start_crystal is start and joint.mapping is joint.members[0].mapping
 
 
 @pytest.mark.slow
@@ -126,6 +162,13 @@ def test_cli_refines_several_datasets(data_dir, halves, tmp_path) -> None:
     assert report["steps"] == 3
     block = gemmi.cif.read(str(out / "refined.cif")).sole_block()
     assert "odd.cif_pets" in block.find_value("_refine_special_details")
+    assert block.find_value("_diffrn_radiation_probe") == "electron"
+    assert int(block.find_value("_refine_ls_number_parameters")) > 6 + 2 * 12  # frames' too
+    assert float(block.find_value("_refine_ls_goodness_of_fit_ref")) > 0
+    page = (out / "report.html").read_text()
+    assert "<h2>Datasets</h2>" in page and "even.cif_pets" in page and "data:image/png" in page
+    for name in ("convergence.png", "thickness_1.png", "thickness_2.png", "report.html"):
+        assert (out / name).is_file() and name in report["written"]
 
 
 @pytest.mark.slow

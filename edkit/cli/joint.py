@@ -5,6 +5,7 @@ the refined CIF with joint s.u.'s, and ``report.json`` with a ``datasets`` entry
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,34 @@ def refine_joint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         improved=bool(report["wr_all"] is not None and report["wr_all"] < start_wr),
         written=["refined.cif", "report.json"],
     )
+    report["written"] += _figures_and_page(joint, report, out)
     text = json.dumps(finite_or_none(report), indent=1)
     write_atomically(out / "report.json", lambda path: path.write_text(text))
     return report, out
+
+
+def _save_png(figure: Any, target: Path) -> None:
+    figure.savefig(target, format="png", dpi=100)
+
+
+def _figures_and_page(joint: Any, report: dict[str, Any], out: Path) -> list[str]:
+    """convergence.png (the joint figures), thickness_<k>.png per dataset and report.html
+    (the joint figures of merit, a table per dataset, the structure with its joint s.u.'s)."""
+    from edkit import plot
+    from edkit.html_report import write_html_report
+    from edkit.refine.options import options_json
+
+    figures = [(out / "convergence.png", plot.convergence(joint.history))]
+    figures += [
+        (out / f"thickness_{k + 1}.png", plot.thickness(member.thickness))
+        for k, member in enumerate(joint.members)
+    ]
+    for path, figure in figures:
+        write_atomically(path, partial(_save_png, figure))
+    names = ", ".join(Path(n).name for n in joint.names)
+    write_html_report(
+        out / "report.html", report, joint.crystal, uncertainties=joint.last_uncertainties,
+        options=options_json(joint.options), figures=[path for path, _ in figures],
+        title=f"edkit refine: {Path(str(report['structure'])).name} against {names}",
+    )  # fmt: skip
+    return [path.name for path, _ in figures] + ["report.html"]

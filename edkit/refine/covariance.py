@@ -286,6 +286,41 @@ def _local_pinv(matrix: np.ndarray) -> np.ndarray:
     return np.linalg.pinv(scaled, rcond=LOCAL_RCOND, hermitian=True) / outer
 
 
+def _eliminate_local(sums: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The dense block's Schur complement and gradient once every frame's local columns are
+    eliminated (A − Σ_f B_f D_f⁺ B_fᵀ, g − Σ_f B_f D_f⁺ h_f)."""
+    schur, gradient = np.array(sums["A"]), np.array(sums["g"])
+    if "B" in sums:
+        b, d_inv = sums["B"], _local_pinv(sums["D"])  # (n_f, n_d, n_l), (n_f, n_l, n_l)
+        schur -= np.einsum("fdl,flm,fem->de", b, d_inv, b)
+        gradient -= np.einsum("fdl,flm,fm->d", b, d_inv, sums["h"])
+    return schur, gradient
+
+
+def _invert(
+    schur: np.ndarray,
+    dense_diagonal: np.ndarray,
+    gradient: np.ndarray,
+    cost: float,
+    n_parameters: int,
+    n_residuals: int,
+) -> FullNormal:
+    """Equilibrate by the dense diagonal, drop the undetermined directions, scale by GoF²."""
+    diagonal = np.sqrt(np.maximum(dense_diagonal, 0.0))
+    a = np.where(diagonal > 0, diagonal, 1.0)
+    scaled = schur / np.outer(a, a)
+    values, vectors = np.linalg.eigh(0.5 * (scaled + scaled.T))
+    keep = values > UNDETERMINED
+    inverse = (vectors[:, keep] / values[keep]) @ vectors[:, keep].T / np.outer(a, a)
+    free = np.sum(vectors[:, ~keep] ** 2, axis=1)  # each parameter's weight on free directions
+    determined = (free < 1e-6) & (diagonal > 0)
+    dof = max(n_residuals - n_parameters, 1)
+    gof = float(np.sqrt(cost / dof))
+    return FullNormal(
+        inverse * gof**2, -inverse @ gradient, determined, gof, n_parameters, n_residuals
+    )
+
+
 def solve(sums: dict[str, np.ndarray], layout: ParameterLayout, n_residuals: int) -> FullNormal:
     """Eliminate the local columns frame by frame and invert the dense block (module doc).
 
@@ -295,25 +330,42 @@ def solve(sums: dict[str, np.ndarray], layout: ParameterLayout, n_residuals: int
     below :data:`UNDETERMINED` the direction is left out of the inverse and the parameters
     along it are marked undetermined. The GoF divides by n_residuals − n_parameters, at least
     1 (as :func:`edkit.refine.lm.covariance` does)."""
-    dense, schur, gradient = sums["A"], np.array(sums["A"]), np.array(sums["g"])
-    if "B" in sums:
-        b, d_inv = sums["B"], _local_pinv(sums["D"])  # (n_f, n_d, n_l), (n_f, n_l, n_l)
-        schur -= np.einsum("fdl,flm,fem->de", b, d_inv, b)
-        gradient -= np.einsum("fdl,flm,fm->d", b, d_inv, sums["h"])
-    diagonal = np.sqrt(np.maximum(np.diag(dense), 0.0))
-    a = np.where(diagonal > 0, diagonal, 1.0)
-    scaled = schur / np.outer(a, a)
-    values, vectors = np.linalg.eigh(0.5 * (scaled + scaled.T))
-    keep = values > UNDETERMINED
-    inverse = (vectors[:, keep] / values[keep]) @ vectors[:, keep].T / np.outer(a, a)
-    free = np.sum(vectors[:, ~keep] ** 2, axis=1)  # each parameter's weight on free directions
-    determined = (free < 1e-6) & (diagonal > 0)
+    schur, gradient = _eliminate_local(sums)
     n_parameters = sum(layout.counts().values())
-    dof = max(n_residuals - n_parameters, 1)
-    gof = float(np.sqrt(sums["cost"] / dof))
-    return FullNormal(
-        inverse * gof**2, -inverse @ gradient, determined, gof, n_parameters, n_residuals
+    return _invert(
+        schur, np.diag(sums["A"]), gradient, float(sums["cost"]), n_parameters, n_residuals
     )
+
+
+def solve_joint(
+    parts: list[tuple[dict[str, np.ndarray], ParameterLayout]], n_residuals: int
+) -> FullNormal:
+    """The full normal matrix of one structure refined against several datasets, each with its
+    own nuisance parameters (thickness, orientations, κ, scales): ``parts`` holds each
+    dataset's accumulated sums and layout (the same structural columns in each).
+
+    The datasets' nuisance blocks do not couple, so each dataset's non-structural columns
+    (local and dense) are eliminated on their own and the structural Schur complements add:
+    S = Σ_d [S_d,ss − S_d,sn S_d,nn⁺ S_d,ns]. Returns a :class:`FullNormal` over the structural
+    parameters only; every parameter is counted once (the structure's once, not per dataset).
+    """
+    n = parts[0][1].n_structural
+    if any(layout.n_structural != n for _, layout in parts):
+        raise EdkitError("joint normal matrix: the datasets refine different structural columns")
+    schur, gradient, diagonal = np.zeros((n, n)), np.zeros(n), np.zeros(n)
+    cost, n_parameters = 0.0, -(len(parts) - 1) * n
+    for sums, layout in parts:
+        own, own_gradient = _eliminate_local(sums)
+        if own.shape[0] > n:  # this dataset's κ and global thickness parameters
+            coupling, inverse = own[:n, n:], _local_pinv(own[n:, n:])
+            own = own[:n, :n] - coupling @ inverse @ coupling.T
+            own_gradient = own_gradient[:n] - coupling @ inverse @ own_gradient[n:]
+        schur += own
+        gradient += own_gradient
+        diagonal += np.diag(sums["A"])[:n]
+        cost += float(sums["cost"])
+        n_parameters += sum(layout.counts().values())
+    return _invert(schur, diagonal, gradient, cost, n_parameters, n_residuals)
 
 
 class FullLeastSquares:
@@ -352,6 +404,11 @@ class FullLeastSquares:
 
     def normal(self, params: Any) -> FullNormal:
         """Accumulate chunk by chunk at ``params`` and solve (:func:`solve`)."""
+        return solve(self.sums(params), self.layout, self.n_residuals)
+
+    def sums(self, params: Any) -> dict[str, np.ndarray]:
+        """The normal matrix's blocks at ``params`` before any elimination, on the host: "A"
+        (n_dense, n_dense), "g" (n_dense,), "cost", and with local columns "B", "D", "h"."""
         problem = self.problem
         with progress_bar(
             len(problem.chunks) + 1, "full normal matrix", "chunk", self.progress
@@ -364,7 +421,7 @@ class FullLeastSquares:
             r_normal, r_gradient, r_cost = map(np.asarray, self._restraints(params))
             host["A"], host["g"] = host["A"] + r_normal, host["g"] + r_gradient
             host["cost"] = host["cost"] + r_cost
-        return solve(host, self.layout, self.n_residuals)
+        return host
 
 
 def structural_variances(full: FullNormal, layout: ParameterLayout) -> np.ndarray:

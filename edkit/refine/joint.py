@@ -117,7 +117,43 @@ class JointRefinement:
         self.messages: list[str] = []
         self.stop_reason = ""
         self._losses: list[float] = []
+        self._records: list[dict[str, Any]] = []
         self._labels = core.group_labels(self.members[0].state)
+        #: The latest :meth:`uncertainties` with "steps" (``step_count`` then); None before.
+        self.last_uncertainties: dict[str, np.ndarray] | None = None
+
+    # ------------------------------------------------------------------------------ controls
+    # What a panel reads and sets (the same names as Refinement's): the structure's settings
+    # are those of the first dataset, and a change applies to every dataset.
+    @property
+    def base_learning_rates(self) -> dict[str, float]:
+        """Each group's base learning rate (the same in every dataset)."""
+        return self.members[0].base_learning_rates
+
+    @property
+    def enabled(self) -> dict[str, bool]:
+        """Which groups are refined (the same in every dataset)."""
+        return self.members[0].enabled
+
+    @property
+    def start_crystal(self) -> Crystal:
+        """The starting structure."""
+        return self.members[0].start_crystal
+
+    @property
+    def mapping(self) -> Any:
+        """The structure's free coefficients (the first dataset's ``mapping``)."""
+        return self.members[0].mapping
+
+    def set_learning_rate(self, group: str, rate: float) -> None:
+        """Change a group's base learning rate in every dataset (next step, no recompile)."""
+        for member in self.members:
+            member.set_learning_rate(group, rate)
+
+    def set_enabled(self, group: str, enabled: bool) -> None:
+        """Switch a parameter group on or off in every dataset (next step, no recompile)."""
+        for member in self.members:
+            member.set_enabled(group, enabled)
 
     # ------------------------------------------------------------------------------ steps
     @x64
@@ -168,12 +204,47 @@ class JointRefinement:
             member.step_count += 1
             member.seconds += (time.perf_counter() - start) / len(self.members)
         self._check_shared()
-        self.step_count += 1
         self._losses.append(loss_value)
-        record = {"step": float(self.step_count - 1), "loss": loss_value}
+        record: dict[str, Any] = {
+            "step": self.step_count,
+            "loss": loss_value,
+            "validation_loss": float("nan"),
+            **results.figures(*self._stacked(i_calcs)),
+            "seconds": sum(m.seconds for m in self.members),
+        }
+        self._records.append(record)
+        self.step_count += 1
         for k, member in enumerate(self.members):
             record[f"r_obs_{k}"] = float(member._records[-1]["r_obs"])
-        return record
+        return {k: float(v) for k, v in record.items() if np.ndim(v) == 0}
+
+    def _stacked(
+        self, i_calcs: list[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """:func:`edkit.refine.results.figures`' arguments over every dataset's reflections,
+        frames numbered on after each other (and no parameter count)."""
+        frames, offset = [], 0
+        for member in self.members:
+            frames.append(member.setup.refl_frame + offset)
+            offset += member.setup.n_frames
+        return (
+            np.concatenate([m.i_obs for m in self.members]),
+            np.concatenate([m.sigma for m in self.members]),
+            np.concatenate(i_calcs),
+            np.concatenate([m.train_mask for m in self.members]),
+            np.concatenate(frames),
+            offset,
+        )
+
+    @property
+    def history(self) -> xr.Dataset:
+        """Per-step figures over ``step``: the joint ones (loss and every dataset's reflections
+        together), each dataset's own as ``<name>_by_dataset`` over (``dataset``, ``step``), and
+        the shared structure's ``fract`` and ``ueq``. Each dataset's full history (thickness
+        per frame included) is ``members[k].history``."""
+        return results.joint_history_dataset(
+            self._records, self.names, [m.history for m in self.members]
+        )
 
     def _check_shared(self) -> None:
         """The datasets' structure copies must agree (same gradients, same Adam)."""
@@ -270,19 +341,45 @@ class JointRefinement:
         return costs
 
     @x64
-    def uncertainties(self) -> dict[str, np.ndarray]:
-        """s.u.'s of the shared structure from the summed normal matrix (Jana's convention:
-        pinv(Σ JᵀJ)·GoF², GoF over every dataset's residuals): "fract" (n, 3), "u_cif"
-        (n, 3, 3) Å², "gof"."""
-        from edkit.crystal import adp_matrix
+    def uncertainties(self, *, nuisance: bool = True) -> dict[str, np.ndarray]:
+        """s.u.'s of the shared structure (Jana's convention, scaled by GoF²): "fract" (n, 3),
+        "u_cif" (n, 3, 3) Å², "occupancy" (n,), "gof".
 
-        least_squares = self._least_squares()[0]
-        equations = self._normal_equations()
-        cov, gof = lm.covariance(equations, least_squares.n_free)
-        fract_su, u_su = lm.standard_uncertainties(
-            self.members[0].mapping, least_squares.pos_mask, least_squares.adp_mask, cov
-        )
-        return {"fract": fract_su, "u_cif": adp_matrix(u_su), "gof": np.asarray(gof)}
+        With ``nuisance`` (the default) from the joint full normal matrix: every dataset's
+        thickness, orientations, κ and scales refined too, each dataset's eliminated on its own
+        and the structural blocks summed (:func:`edkit.refine.covariance.solve_joint`), the GoF
+        over every residual with every parameter counted once. Without: the structure-only
+        normal matrix Σ_d J_dᵀJ_d (the matrix of :meth:`refine_structure`). Also kept as
+        ``last_uncertainties`` with "steps"."""
+        from edkit.crystal import adp_matrix
+        from edkit.refine.covariance import solve_joint
+        from edkit.refine.least_squares import structural_uncertainties
+
+        if nuisance:
+            solvers = [m.full_least_squares() for m in self.members]
+            parts = [(s.sums(m.state), s.layout) for s, m in zip(solvers, self.members,
+                                                                 strict=True)]  # fmt: skip
+            full = solve_joint(parts, sum(s.n_residuals for s in solvers))
+            result = structural_uncertainties(self.mapping, full, solvers[0].layout)
+        else:
+            least_squares = self._least_squares()[0]
+            cov, gof = lm.covariance(self._normal_equations(), least_squares.n_free)
+            fract_su, u_su = lm.standard_uncertainties(
+                self.mapping, least_squares.pos_mask, least_squares.adp_mask, cov
+            )
+            n_atoms = len(self.crystal.labels)
+            result = {"fract": fract_su, "u_cif": adp_matrix(u_su),
+                      "occupancy": np.zeros(n_atoms), "gof": np.asarray(gof)}  # fmt: skip
+        self.last_uncertainties = {**result, "steps": np.asarray(self.step_count)}
+        return result
+
+    def panel(self, run_steps: int = 20) -> Any:
+        """The joint refinement's dashboard in Jupyter (``edkit.widgets.JointDashboard``):
+        the controls, curves and parameter table over every dataset, each dataset's figures
+        and thickness in tabs of their own."""
+        from edkit.widgets.joint_dashboard import JointDashboard
+
+        return JointDashboard(self, run_steps=run_steps)
 
     # ------------------------------------------------------------------------------ results
     @property
@@ -295,41 +392,54 @@ class JointRefinement:
         """Figures of merit over every dataset together, and per dataset under "datasets"
         (each :meth:`Refinement.report` with its "name")."""
         parts = [m.report() for m in self.members]
-        i_obs, sigma, i_calc, mask, frames = [], [], [], [], []
-        offset = 0
-        for member in self.members:
-            i_obs.append(member.i_obs)
-            sigma.append(member.sigma)
-            i_calc.append(member.predict())
-            mask.append(member.train_mask)
-            frames.append(member.setup.refl_frame + offset)
-            offset += member.setup.n_frames
-        total = results.figures(
-            np.concatenate(i_obs), np.concatenate(sigma), np.concatenate(i_calc),
-            np.concatenate(mask), np.concatenate(frames), offset,
-            self.members[0].n_parameters,
-        )  # fmt: skip
+        stacked = self._stacked([m.predict() for m in self.members])
+        total = results.figures(*stacked, self.members[0].n_parameters)
         return {
             **total,
-            "n_frames": offset,
+            "n_frames": stacked[-1],
             "steps": self.step_count,
             "datasets": [{"name": n, **p} for n, p in zip(self.names, parts, strict=True)],
         }
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Every refined parameter by group: the shared structure's once, each dataset's
+        scales, thickness, orientations and κ added over the datasets
+        (:meth:`Refinement.parameter_counts` of each)."""
+        counts: dict[str, int] = {}
+        for k, member in enumerate(self.members):
+            for group, n in member.parameter_counts().items():
+                if k == 0 or group not in STRUCTURE_GROUPS:
+                    counts[group] = counts.get(group, 0) + n
+        return counts
+
     def write_cif(self, path: str | Path, *, with_uncertainties: bool = True) -> None:
-        """The refined structure with the joint s.u.'s and the joint figures of merit."""
+        """The refined structure with the joint s.u.'s (:meth:`uncertainties`) and the joint
+        figures of merit: R's over every dataset's reflections, every refined parameter
+        counted (:meth:`parameter_counts`), the GoF of the joint full normal matrix."""
         from edkit.io.cif import write_cif
 
-        sigmas = None
+        sigmas, gof = None, None
         if with_uncertainties:
             su = self.uncertainties()
-            sigmas = {"fract": su["fract"], "u_cif": su["u_cif"]}
-        report = self.report()
+            sigmas = {"fract": su["fract"], "u_cif": su["u_cif"], "occupancy": su["occupancy"]}
+            gof = round(float(su["gof"]), 4)
+        report, first = self.report(), self.members[0].dataset
         items: dict[str, object] = {
-            "_refine_ls_R_factor_gt": round(report["r_obs"], 5),
-            "_refine_ls_wR_factor_ref": round(report["wr_all"], 5),
+            "_diffrn_radiation_probe": "electron",
+            "_diffrn_radiation_type": "electron",
+            "_diffrn_radiation_wavelength": round(float(first["wavelength"]), 6),
+            "_refine_ls_structure_factor_coef": "F",
+            "_refine_ls_matrix_type": "full",
+            "_refine_ls_weighting_scheme": "sigma",
             "_refine_ls_number_reflns": report["n_all"],
+            "_refine_ls_number_parameters": sum(self.parameter_counts().values()),
+            "_refine_ls_R_factor_gt": round(report["r_obs"], 5),
+            "_refine_ls_R_factor_all": round(report["r_all"], 5),
+            "_refine_ls_wR_factor_gt": round(report["wr_obs"], 5),
+            "_refine_ls_wR_factor_ref": round(report["wr_all"], 5),
             "_refine_special_details": "edkit joint refinement against "
             + ", ".join(Path(n).name for n in self.names),
         }
+        if gof is not None:
+            items["_refine_ls_goodness_of_fit_ref"] = gof
         write_cif(self.crystal, path, sigmas=sigmas, extra=items)

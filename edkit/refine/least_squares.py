@@ -127,12 +127,9 @@ class StructureLeastSquaresMixin:
         cached = self._full_normal
         if cached is not None and cached[0] is self.state and cached[1] == enabled:
             return cached[2], cached[3]
-        layout = self.parameter_layout()
-        solver = self._full_least_squares
-        if solver is None or solver[0] != enabled or solver[1].problem is not self.problem:
-            solver = (enabled, covariance.FullLeastSquares(self.problem, layout, self.progress))
-            self._full_least_squares = solver
-        full = solver[1].normal(self.state)
+        solver = self.full_least_squares()
+        layout = solver.layout
+        full = solver.normal(self.state)
         self._full_normal = (self.state, enabled, full, layout)
         undetermined = int(np.sum(~full.determined[: layout.n_structural]))
         if undetermined:
@@ -143,6 +140,17 @@ class StructureLeastSquaresMixin:
                 "parameters): their s.u.'s are unbounded (written without s.u.)"
             )
         return full, layout
+
+    def full_least_squares(self: Any) -> covariance.FullLeastSquares:
+        """The full normal matrix's builder for the enabled groups (kept while they and the
+        problem stay the same)."""
+        enabled = tuple(sorted(self.enabled.items()))
+        solver = self._full_least_squares
+        if solver is None or solver[0] != enabled or solver[1].problem is not self.problem:
+            layout = self.parameter_layout()
+            solver = (enabled, covariance.FullLeastSquares(self.problem, layout, self.progress))
+            self._full_least_squares = solver
+        return solver[1]
 
     def shift_over_su(self: Any) -> tuple[float, float]:
         """(max, mean) |shift|/s.u. over the free positions, ADPs and occupancies, the shift
@@ -179,16 +187,8 @@ class StructureLeastSquaresMixin:
           few reflections per frame for its scale, thickness and angles; see :attr:`messages`).
           Also kept as ``last_uncertainties`` with "steps" (``step_count`` when computed).
         """
-        n_atoms = self.mapping.fract0.shape[0]
-        occupancy = np.zeros(n_atoms)
-        undetermined = None
         if nuisance:
-            full, layout = self.full_normal_matrix()
-            cov, gof = full.covariance, full.gof
-            pos_mask, adp_mask = layout.masks["positions"][0], layout.masks["adp"][0]
-            variances = covariance.structural_variances(full, layout)
-            occupancy[layout.masks["occupancy"][0]] = np.sqrt(variances[layout.slice("occupancy")])
-            undetermined = ~full.determined
+            result = structural_uncertainties(self.mapping, *self.full_normal_matrix())
         else:
             least_squares = self._structure_least_squares()
             at, equations = self._normal_equations
@@ -197,24 +197,16 @@ class StructureLeastSquaresMixin:
                 self._normal_equations = (self.state, equations)
             cov, gof = lm.covariance(equations, least_squares.n_free)
             pos_mask, adp_mask = least_squares.pos_mask, least_squares.adp_mask
-        n_pa = int(pos_mask.sum() + adp_mask.sum())
-        fract_su, u_su = lm.standard_uncertainties(
-            self.mapping, pos_mask, adp_mask, cov[:n_pa, :n_pa]
-        )
-        if undetermined is not None and undetermined[:n_pa].any():
-            # every coordinate and U_ij an undetermined coefficient reaches: unbounded s.u.
-            reach = np.diag(undetermined[:n_pa].astype(np.float64))
-            reach_fract, reach_u = lm.standard_uncertainties(
-                self.mapping, pos_mask, adp_mask, reach
+            n_pa = int(pos_mask.sum() + adp_mask.sum())
+            fract_su, u_su = lm.standard_uncertainties(
+                self.mapping, pos_mask, adp_mask, cov[:n_pa, :n_pa]
             )
-            fract_su[reach_fract > 1e-9] = np.inf
-            u_su[reach_u > 1e-9] = np.inf
-        result = {
-            "fract": fract_su,
-            "u_cif": adp_matrix(u_su),
-            "occupancy": occupancy,
-            "gof": np.asarray(gof),
-        }
+            result = {
+                "fract": fract_su,
+                "u_cif": adp_matrix(u_su),
+                "occupancy": np.zeros(self.mapping.fract0.shape[0]),
+                "gof": np.asarray(gof),
+            }
         self.last_uncertainties = {**result, "steps": np.asarray(self.step_count)}
         return result
 
@@ -264,3 +256,32 @@ class StructureLeastSquaresMixin:
             undetermined=undetermined,
         )
         write_cif(self.crystal, path, sigmas=sigmas, extra={**items, **(extra or {})})
+
+
+def structural_uncertainties(
+    mapping: Any, full: covariance.FullNormal, layout: covariance.ParameterLayout
+) -> dict[str, np.ndarray]:
+    """s.u.'s of the fractional coordinates (n, 3), U^cif (n, 3, 3) Å² and occupancies (n,)
+    from the structural block of a full normal matrix's inverse, with its "gof"; inf where an
+    undetermined coefficient reaches a parameter, zero where it is fixed."""
+    occupancy = np.zeros(mapping.fract0.shape[0])
+    pos_mask, adp_mask = layout.masks["positions"][0], layout.masks["adp"][0]
+    variances = covariance.structural_variances(full, layout)
+    occupancy[layout.masks["occupancy"][0]] = np.sqrt(variances[layout.slice("occupancy")])
+    undetermined = ~full.determined
+    n_pa = int(pos_mask.sum() + adp_mask.sum())
+    fract_su, u_su = lm.standard_uncertainties(
+        mapping, pos_mask, adp_mask, full.covariance[:n_pa, :n_pa]
+    )
+    if undetermined[:n_pa].any():
+        # every coordinate and U_ij an undetermined coefficient reaches: unbounded s.u.
+        reach = np.diag(undetermined[:n_pa].astype(np.float64))
+        reach_fract, reach_u = lm.standard_uncertainties(mapping, pos_mask, adp_mask, reach)
+        fract_su[reach_fract > 1e-9] = np.inf
+        u_su[reach_u > 1e-9] = np.inf
+    return {
+        "fract": fract_su,
+        "u_cif": adp_matrix(u_su),
+        "occupancy": occupancy,
+        "gof": np.asarray(full.gof),
+    }

@@ -58,7 +58,8 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
 
     Args:
       crystal: the starting structure; its cell must match the dataset's within 1 %.
-      dataset: from :func:`edkit.read_pets`.
+      dataset: from :func:`edkit.read_pets`; a list of several gives a
+        :class:`~edkit.refine.joint.JointRefinement` of the one structure against them all.
       **options: the fields of :class:`~edkit.refine.options.RefinementOptions` (each documented
         there with units and default): ``refine`` (groups), ``thickness`` (model), ``absorption``
         (κ), beams (``g_max``, ``sg_max``, ``sg_weak``, ``bethe_terms``, ``n_sub``),
@@ -93,6 +94,14 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
     progress: bool | None = None
     #: Each cycle's :meth:`report` when made by :func:`edkit.refine.cycles.refine_in_cycles`.
     cycle_reports: list[dict[str, Any]] | None = None
+
+    def __new__(cls, crystal: Any = None, dataset: Any = None, **options: Any) -> Any:
+        # Several datasets (a list or tuple of them): a joint refinement of one structure.
+        if isinstance(dataset, list | tuple):
+            from edkit.refine.joint import JointRefinement
+
+            return JointRefinement(crystal, dataset, **options)
+        return super().__new__(cls)
 
     @x64
     def __init__(

@@ -85,6 +85,27 @@ def history_dataset(
     return history
 
 
+def joint_history_dataset(
+    records: list[dict[str, Any]], names: list[str], histories: list[xr.Dataset]
+) -> xr.Dataset:
+    """A joint refinement's history over ``step``: its own per-step figures (``records``),
+    each dataset's loss and R's as ``<name>_by_dataset`` over (``dataset``, ``step``) from
+    their ``histories``, and the shared structure (``fract``, ``ueq``) from the first."""
+    steps = np.array([r["step"] for r in records], dtype=np.int64)
+    joint = xr.Dataset(
+        {name: ("step", np.array([r[name] for r in records], dtype=np.float64),
+                {"units": units, "long_name": long_name})
+         for name, (units, long_name) in SCALAR_LABELS.items()},
+        coords={"step": ("step", steps, {"long_name": "refinement step"})},
+    )  # fmt: skip
+    dataset = xr.DataArray(names, dims="dataset", attrs={"long_name": "dataset"})
+    for name in ("loss", "r_obs", "wr_obs", "r_obs_mean_frame"):
+        joint[f"{name}_by_dataset"] = xr.concat([h[name] for h in histories], dim=dataset)
+        joint[f"{name}_by_dataset"].attrs.update(histories[0][name].attrs)
+    structure = histories[0][["fract", "ueq"]].sel(step=steps)
+    return xr.merge([joint, structure], combine_attrs="drop_conflicts")
+
+
 #: CF units and long names of the per-step figures (fractions, as the report keeps them).
 SCALAR_LABELS = {
     "loss": ("1", "loss (the objective minimised)"),

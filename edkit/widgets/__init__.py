@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from edkit.widgets.dashboard import Dashboard
     from edkit.widgets.difference_map import DifferenceMapView
     from edkit.widgets.frames import FrameComparison
+    from edkit.widgets.joint_dashboard import JointDashboard
     from edkit.widgets.refinement_panel import RefinementPanel
     from edkit.widgets.thickness import ThicknessView
 
@@ -35,6 +36,7 @@ _LAZY = {
     "DifferenceMapView": "edkit.widgets.difference_map",
     "FrameComparison": "edkit.widgets.frames",
     "HoloViewsWidget": "edkit.widgets.bridge",
+    "JointDashboard": "edkit.widgets.joint_dashboard",
     "RefinementPanel": "edkit.widgets.refinement_panel",
     "ThicknessView": "edkit.widgets.thickness",
     "extension": "edkit.widgets.bridge",
@@ -46,6 +48,7 @@ __all__ = [
     "DifferenceMapView",
     "FrameComparison",
     "HoloViewsWidget",
+    "JointDashboard",
     "RefinementPanel",
     "ThicknessView",
     "extension",

@@ -4,13 +4,14 @@ import html
 
 import numpy as np
 
+from edkit.refine.joint import JointRefinement
 from edkit.refine.refinement import Refinement
 
 _U_NAMES = ("U11", "U22", "U33", "U12", "U13", "U23")
 _U_INDEX = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 
 
-def parameter_table(refinement: Refinement) -> str:
+def parameter_table(refinement: Refinement | JointRefinement) -> str:
     """HTML table of the structural parameters: value, shift from the start, s.u., shift/s.u.
 
     Rows: x, y, z (fractional) and U11 … U23 (U^cif, Å²) of every atom, and the occupancy when

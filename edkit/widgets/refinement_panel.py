@@ -15,13 +15,15 @@ panels on the same refinement never step it concurrently.
 import html
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import holoviews as hv
 import ipywidgets as widgets
 import numpy as np
 
+from edkit.errors import EdkitError
 from edkit.heap import release_freed_heap
+from edkit.refine.joint import JointRefinement
 from edkit.refine.refinement import GROUPS, Refinement
 from edkit.widgets.bridge import HoloViewsWidget, extension, refinement_lock
 from edkit.widgets.parameter_table import parameter_table
@@ -30,7 +32,17 @@ from edkit.widgets.ui_thread import UiThread
 
 __all__ = ["RefinementPanel"]
 
+
 #: Columns of the curve stream: the step and the figures plotted against it.
+class StepView(Protocol):
+    """A view the panel updates after every step: ``snapshot()`` reads the refinement in the
+    worker thread, ``show(snapshot)`` draws it on the kernel's thread (:class:`ThicknessView`)."""
+
+    def snapshot(self) -> Any: ...
+
+    def show(self, snapshot: Any) -> None: ...
+
+
 CURVES = {
     "loss": "loss",
     "r_obs_mean_frame": "R_obs (mean per frame)",
@@ -69,7 +81,7 @@ class RefinementPanel:
 
     def __init__(
         self,
-        refinement: Refinement,
+        refinement: Refinement | JointRefinement,
         *,
         run_steps: int = 20,
         thickness_view: bool | ThicknessView = False,
@@ -137,7 +149,12 @@ class RefinementPanel:
         self.table.add_class("edkit-param-table-box")
 
         if thickness_view is True:
-            self.thickness_view: ThicknessView | None = ThicknessView(refinement)
+            if isinstance(refinement, JointRefinement):
+                raise EdkitError(
+                    "thickness_view=True: a joint refinement has one thickness view per "
+                    "dataset (use joint.panel(), a JointDashboard)"
+                )
+            self.thickness_view: StepView | None = ThicknessView(refinement)
         elif isinstance(thickness_view, ThicknessView):
             self.thickness_view = thickness_view
         else:
@@ -159,7 +176,7 @@ class RefinementPanel:
             widgets.HBox([widgets.HTML("<b>parameters</b>"), self.su_button]),
             self.table,
         ]
-        if self.thickness_view is not None:
+        if isinstance(self.thickness_view, ThicknessView):
             parts.append(self.thickness_view.widget)
         self.widget = widgets.VBox(parts)
         self.widget.add_class("edkit-refinement-panel")
