@@ -83,6 +83,28 @@ def test_split_dataset_with_per_frame_thickness_is_the_single_refinement(data_di
     assert np.all(su["fract"][free] >= held["fract"][free]) and joint.last_uncertainties
 
 
+def test_a_saved_joint_refinement_continues_bit_identically(data_dir, halves, tmp_path):
+    """save after 3 steps, load, 3 more: the same structure, thickness, history and best as 6
+    steps without a break."""
+    start = read_cif(data_dir / "structures" / "quartz_displaced_03.cif")
+    options = dict(g_max=0.8, n_sub=3, thickness="per-frame", structure_delay=0)
+    joint = JointRefinement(start, halves[1], names=["odd", "even"], **options)
+    joint.run(3, progress=False)
+    joint.save(tmp_path / "joint")
+    joint.run(3, progress=False)
+    again = JointRefinement.load(tmp_path / "joint")
+    assert again.names == ["odd", "even"] and again.step_count == 3
+    again.run(3, progress=False)
+    np.testing.assert_array_equal(again.crystal.fract, joint.crystal.fract)
+    np.testing.assert_array_equal(again.crystal.u_cif, joint.crystal.u_cif)
+    for mine, theirs in zip(again.members, joint.members, strict=True):
+        np.testing.assert_array_equal(mine.thickness.values, theirs.thickness.values)
+    np.testing.assert_array_equal(again.history["loss"], joint.history["loss"])
+    assert (again.best_step, again.best_loss) == (joint.best_step, joint.best_loss)
+    with pytest.raises(EdkitError, match="not a joint checkpoint"):
+        JointRefinement.load(tmp_path)
+
+
 @pytest.mark.slow
 def test_a_synthetic_pair_with_different_thicknesses_and_scales(data_dir):
     """Two crystals (500 and 900 Å, counts 10⁵ and 3·10⁴) on different frames of the same

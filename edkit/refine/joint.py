@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.precision import x64
-from edkit.refine import core, lm, results
+from edkit.refine import core, joint_checkpoint, lm, results
 from edkit.refine.convergence import Convergence
 from edkit.refine.objective import loss_from_sums
 from edkit.refine.options import GROUPS, STRUCTURE_GROUPS, options_from
@@ -292,6 +292,15 @@ class JointRefinement:
                 self.messages.append(self.stop_reason)
                 break
         return self
+
+    def save(self, path: str | Path) -> Path:
+        """Save into ``path`` to continue exactly (:mod:`edkit.refine.joint_checkpoint`)."""
+        return joint_checkpoint.save_joint(self, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "JointRefinement":
+        """Continue a joint refinement saved with :meth:`save` (the same next step)."""
+        return joint_checkpoint.load_joint(cls, Path(path))
 
     def use_best(self) -> None:
         """Every dataset back to the state of the lowest joint loss."""
