@@ -194,6 +194,50 @@ def test_cli_refines_several_datasets(data_dir, halves, tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_cli_joint_run_stopped_by_ctrl_c_resumes_to_the_same_result(
+    data_dir, halves, tmp_path, monkeypatch
+) -> None:
+    """edkit refine --data A --data B: Ctrl-C after step 2 writes a checkpoint and exits 130;
+    --resume continues through the remaining steps, the least squares and the outputs to the
+    same refined structure as a run without a break."""
+    import json
+    import signal
+
+    from edkit.cli import main
+
+    paths = []
+    for name, part in zip(("odd", "even"), halves[1], strict=True):
+        paths.append(tmp_path / f"{name}.cif_pets")
+        write_pets(part, paths[-1])
+    flags = ["refine", "--structure", str(data_dir / "structures" / "quartz_displaced_03.cif"),
+             "--data", str(paths[0]), "--data", str(paths[1]), "--g-max", "0.8", "--n-sub",
+             "3", "--thickness", "per-frame", "--steps", "4", "--lm-rounds", "1",
+             "--lm-iterations", "2", "--quiet", "--checkpoint-every", "3"]  # fmt: skip
+    assert main([*flags, "--out", str(tmp_path / "whole")]) == 0
+    real_step, calls = JointRefinement._one_step, []
+
+    def interrupted_step(self):
+        record = real_step(self)
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)  # as Ctrl-C: finish the step, checkpoint, stop
+        return record
+
+    monkeypatch.setattr(JointRefinement, "_one_step", interrupted_step)
+    out = tmp_path / "broken"
+    assert main([*flags, "--out", str(out)]) == 130
+    monkeypatch.setattr(JointRefinement, "_one_step", real_step)
+    assert not (out / "refined.cif").exists() and (out / "checkpoints").is_dir()
+    assert main(["refine", "--resume", str(out), "--quiet"]) == 0
+    whole, resumed = (read_cif(p / "refined.cif") for p in (tmp_path / "whole", out))
+    np.testing.assert_array_equal(resumed.fract, whole.fract)
+    np.testing.assert_array_equal(resumed.u_cif, whole.u_cif)
+    reports = [json.loads((p / "report.json").read_text()) for p in (tmp_path / "whole", out)]
+    assert reports[1]["r_obs"] == reports[0]["r_obs"] and reports[1]["steps"] == 4
+    assert "resumed_from" in reports[1]
+
+
+@pytest.mark.slow
 def test_real_quartz_split_in_two_gives_the_single_structure_within_one_su(data_dir, tmp_path):
     """Every 4th frame of real quartz (25), refined from the kinematical structure as one
     dataset and as its odd and even frames written with write_pets (each half its own

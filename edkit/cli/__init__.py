@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.get("XLA_FLAGS", "")
                 + f" --xla_force_host_platform_device_count={devices}"
             ).strip()
-        if isinstance(args.data, list):
+        if isinstance(args.data, list) or getattr(args, "resume_joint", False):
             from edkit.cli.joint import refine_joint
 
             report, out = refine_joint(args)
@@ -432,8 +432,10 @@ def _check_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             f"{named} cannot be given with it (only --out, --quiet, --checkpoint-every)"
         )
     args.resume_folder = checkpoint.latest(Path(args.resume))
+    args.resume_joint = (args.resume_folder / "joint.json").is_file()  # several datasets
+    first = args.resume_folder / ("dataset_1" if args.resume_joint else "")
     try:
-        config = json.loads((args.resume_folder / "config.json").read_text())
+        config = json.loads((first / "config.json").read_text())
         return int(config["options"]["devices"])
     except (OSError, ValueError, KeyError, TypeError):
         return 1  # Refinement.load names the file and what is wrong with it

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -289,9 +290,16 @@ def _number(path: Path) -> int:
     return int(match[1]) if match else 0
 
 
-def write_series(refinement: "Refinement", out: Path, run: dict[str, Any]) -> Path:
+def write_series(
+    refinement: Any,
+    out: Path,
+    run: dict[str, Any],
+    saver: Callable[[Any, Path], Any] | None = None,
+) -> Path:
     """Add a checkpoint of ``refinement`` with ``run`` (JSON) as ``run.json`` to
     ``out/checkpoints`` atomically as a whole (see the module docstring); returns its folder.
+    ``saver(refinement, folder)`` writes the refinement (default :func:`save`; a joint
+    refinement's is :func:`edkit.refine.joint_checkpoint.save_joint`).
 
     Only the newest :data:`KEEP` checkpoints are kept, and the older ones are removed only after
     the new one is in place, so at every instant one complete checkpoint exists.
@@ -305,7 +313,7 @@ def write_series(refinement: "Refinement", out: Path, run: dict[str, Any]) -> Pa
     name = f"{number:04d}-step{refinement.step_count:06d}"
     partial = folder / f".{name}.partial"
     try:
-        save(refinement, partial)
+        (saver or save)(refinement, partial)
         write_atomically(partial / RUN_FILE, lambda p: p.write_text(json.dumps(run, indent=1)))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # nothing partial left; the last one stands
@@ -338,7 +346,7 @@ def latest(path: Path) -> Path:
     found = series(path)
     if found:
         return found[-1]
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or (path / "joint.json").is_file():
         return path
     raise EdkitError(
         f"{path}: no checkpoint in it (edkit refine writes them into {path / SERIES}; none was "

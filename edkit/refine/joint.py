@@ -20,7 +20,7 @@ the shared structural coefficients: JᵀJ = Σ_d J_dᵀJ_d, GoF over every datas
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -276,11 +276,19 @@ class JointRefinement:
 
     @x64
     def run(
-        self, steps: int, *, progress: bool = True, until_converged: Convergence | bool = False
+        self,
+        steps: int,
+        callback: Callable[["JointRefinement", dict[str, float]], Any] | None = None,
+        *,
+        progress: bool = True,
+        until_converged: Convergence | bool = False,
+        since: int | None = None,
     ) -> "JointRefinement":
-        """Up to ``steps`` joint steps (stop early when converged, as :meth:`Refinement.run`)."""
+        """Up to ``steps`` joint steps, ``callback(self, record)`` after each (``False`` stops);
+        stop early when converged, as :meth:`Refinement.run`, judged on the joint losses from
+        index ``since`` (default: this call's first step)."""
         rule = Convergence() if until_converged is True else until_converged or None
-        since = len(self._losses)
+        since = len(self._losses) if since is None else since
         self.stop_reason = f"{steps} step(s) done"
         bar = tqdm(range(steps), desc="joint", unit="step", disable=not progress, leave=True)
         for _ in bar:
@@ -290,6 +298,9 @@ class JointRefinement:
             if reason is not None:
                 self.stop_reason = f"step {self.step_count}: {reason}"
                 self.messages.append(self.stop_reason)
+                break
+            if callback is not None and callback(self, record) is False:
+                self.stop_reason = f"step {self.step_count}: stopped"
                 break
         return self
 
@@ -432,23 +443,8 @@ class JointRefinement:
             su = self.uncertainties()
             sigmas = {"fract": su["fract"], "u_cif": su["u_cif"], "occupancy": su["occupancy"]}
             gof = round(float(su["gof"]), 4)
-        report, first = self.report(), self.members[0].dataset
-        items: dict[str, object] = {
-            "_diffrn_radiation_probe": "electron",
-            "_diffrn_radiation_type": "electron",
-            "_diffrn_radiation_wavelength": round(float(first["wavelength"]), 6),
-            "_refine_ls_structure_factor_coef": "F",
-            "_refine_ls_matrix_type": "full",
-            "_refine_ls_weighting_scheme": "sigma",
-            "_refine_ls_number_reflns": report["n_all"],
-            "_refine_ls_number_parameters": sum(self.parameter_counts().values()),
-            "_refine_ls_R_factor_gt": round(report["r_obs"], 5),
-            "_refine_ls_R_factor_all": round(report["r_all"], 5),
-            "_refine_ls_wR_factor_gt": round(report["wr_obs"], 5),
-            "_refine_ls_wR_factor_ref": round(report["wr_all"], 5),
-            "_refine_special_details": "edkit joint refinement against "
-            + ", ".join(Path(n).name for n in self.names),
-        }
-        if gof is not None:
-            items["_refine_ls_goodness_of_fit_ref"] = gof
+        items = results.joint_cif_items(
+            self.report(), float(self.members[0].dataset["wavelength"]),
+            sum(self.parameter_counts().values()), gof, [Path(n).name for n in self.names],
+        )  # fmt: skip
         write_cif(self.crystal, path, sigmas=sigmas, extra=items)

@@ -106,6 +106,36 @@ def joint_history_dataset(
     return xr.merge([joint, structure], combine_attrs="drop_conflicts")
 
 
+def joint_cif_items(
+    report: dict[str, Any],
+    wavelength: float,
+    n_parameters: int,
+    gof: float | None,
+    names: list[str],
+) -> dict[str, object]:
+    """A joint refinement's CIF items: electron radiation of ``wavelength`` Å, the joint R's
+    and reflection count of ``report``, every refined parameter (``n_parameters``), the GoF of
+    the joint full normal matrix (None: not computed) and the datasets' file ``names``."""
+    items: dict[str, object] = {
+        "_diffrn_radiation_probe": "electron",
+        "_diffrn_radiation_type": "electron",
+        "_diffrn_radiation_wavelength": round(wavelength, 6),
+        "_refine_ls_structure_factor_coef": "F",
+        "_refine_ls_matrix_type": "full",
+        "_refine_ls_weighting_scheme": "sigma",
+        "_refine_ls_number_reflns": report["n_all"],
+        "_refine_ls_number_parameters": n_parameters,
+        "_refine_ls_R_factor_gt": _rounded(report["r_obs"], 5),
+        "_refine_ls_R_factor_all": _rounded(report["r_all"], 5),
+        "_refine_ls_wR_factor_gt": _rounded(report["wr_obs"], 5),
+        "_refine_ls_wR_factor_ref": _rounded(report["wr_all"], 5),
+        "_refine_special_details": "edkit joint refinement against " + ", ".join(names),
+    }
+    if gof is not None:
+        items["_refine_ls_goodness_of_fit_ref"] = gof
+    return items
+
+
 #: CF units and long names of the per-step figures (fractions, as the report keeps them).
 SCALAR_LABELS = {
     "loss": ("1", "loss (the objective minimised)"),
