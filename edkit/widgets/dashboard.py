@@ -21,7 +21,25 @@ from edkit.widgets.thickness import ThicknessView
 TABS = ("Refine", "Thickness", "Frames")
 
 
-class Dashboard:
+class PanelTabs:
+    """What a dashboard shares: its panel's methods and status as its own, and its display."""
+
+    panel: RefinementPanel
+    widget: widgets.Tab
+
+    def __getattr__(self, name: str) -> Any:
+        # step(), run(), stop(), compute_uncertainties(), status, … are the panel's.
+        if name in ("panel", "refinement"):
+            raise AttributeError(name)
+        return getattr(self.panel, name)
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+class Dashboard(PanelTabs):
     """The refinement's panel, thickness view and frame comparison in one tabbed widget.
 
     Args:
@@ -57,14 +75,3 @@ class Dashboard:
         if self.refinement.step_count != self._frames_at:
             self.frames.update()
             self._frames_at = self.refinement.step_count
-
-    def __getattr__(self, name: str) -> Any:
-        # step(), run(), stop(), compute_uncertainties(), status, … are the panel's.
-        if name in ("panel", "refinement"):
-            raise AttributeError(name)
-        return getattr(self.panel, name)
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)

@@ -15,6 +15,7 @@ import ipywidgets as widgets
 import numpy as np
 
 from edkit.refine.joint import JointRefinement
+from edkit.widgets.dashboard import PanelTabs
 from edkit.widgets.refinement_panel import RefinementPanel
 from edkit.widgets.thickness import ThicknessView
 
@@ -81,7 +82,7 @@ def _percent(value: float | None) -> str:
     return "" if value is None or not np.isfinite(value) else f"{100 * float(value):.2f} %"
 
 
-class JointDashboard:
+class JointDashboard(PanelTabs):
     """The joint refinement's panel, its datasets' figures and thickness views in tabs.
 
     Args:
@@ -108,17 +109,6 @@ class JointDashboard:
             self.widget.set_title(index, title)
         self.widget.add_class("edkit-dashboard")
         self.widget.add_class("edkit-joint-dashboard")
-
-    def __getattr__(self, name: str) -> Any:
-        # step(), run(), stop(), compute_uncertainties(), status, … are the panel's.
-        if name in ("panel", "refinement"):
-            raise AttributeError(name)
-        return getattr(self.panel, name)
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
 
 
 def _short(name: str) -> str:

@@ -26,6 +26,7 @@ from edkit.heap import release_freed_heap
 from edkit.refine.joint import JointRefinement
 from edkit.refine.refinement import GROUPS, Refinement
 from edkit.widgets.bridge import HoloViewsWidget, extension, refinement_lock
+from edkit.widgets.curves import CURVES, refinement_curves
 from edkit.widgets.parameter_table import parameter_table
 from edkit.widgets.thickness import ThicknessView
 from edkit.widgets.ui_thread import UiThread
@@ -33,7 +34,6 @@ from edkit.widgets.ui_thread import UiThread
 __all__ = ["RefinementPanel"]
 
 
-#: Columns of the curve stream: the step and the figures plotted against it.
 class StepView(Protocol):
     """A view the panel updates after every step: ``snapshot()`` reads the refinement in the
     worker thread, ``show(snapshot)`` draws it on the kernel's thread (:class:`ThicknessView`)."""
@@ -43,11 +43,6 @@ class StepView(Protocol):
     def show(self, snapshot: Any) -> None: ...
 
 
-CURVES = {
-    "loss": "loss",
-    "r_obs_mean_frame": "R_obs (mean per frame)",
-    "wr_obs": "wR_obs",
-}
 RATE_RANGE = (-7.0, 0.0)  # log10 of the slider's learning-rate range
 _ERROR_STYLE = "color:#b00020;font-weight:bold"
 
@@ -142,7 +137,7 @@ class RefinementPanel:
         self.curve_stream = hv.streams.Buffer(
             self._history_columns(), length=1_000_000, index=False
         )
-        self.curve_plot = hv.DynamicMap(_curves, streams=[self.curve_stream])
+        self.curve_plot = hv.DynamicMap(refinement_curves, streams=[self.curve_stream])
         self.curves = HoloViewsWidget(self.curve_plot, css_class="edkit-curves")
 
         self.table = widgets.HTML(layout=widgets.Layout(max_height="360px", overflow="auto"))
@@ -442,23 +437,3 @@ class RefinementPanel:
         from IPython.display import display
 
         display(self.widget)
-
-
-# ---------------------------------------------------------------------------------- plots
-def _curves(data: Any) -> hv.Overlay:
-    step = hv.Dimension("step")
-    curves = [
-        hv.Curve(data, step, hv.Dimension(name, label="figure of merit"), label=label).opts(
-            line_width=2, tools=["hover"], backend="bokeh"
-        )
-        for name, label in CURVES.items()
-    ]
-    return hv.Overlay(curves).opts(
-        hv.opts.Overlay(
-            width=520,
-            height=300,
-            legend_position="top_right",
-            title="refinement",
-            backend="bokeh",
-        )
-    )
