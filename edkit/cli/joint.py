@@ -32,6 +32,7 @@ def refine_joint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     last: dict[str, Any] = {"at": time.monotonic(), "folder": None}
 
     def write(reason: str) -> Path:
+        from edkit.cli import _say  # the command line's own line beside a progress bar
         from edkit.refine import checkpoint
         from edkit.refine.joint_checkpoint import save_joint
 
@@ -149,12 +150,6 @@ def _resume(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path]:
     print(f"resumed from {folder}: joint step {joint.step_count}, phase {run['phase']}",
           flush=True)  # fmt: skip
     return joint, run, out
-
-
-def _say(message: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(message)
 
 
 def _stopped(joint: Any, folder: Path | None, out: Path) -> Exception:
