@@ -26,6 +26,7 @@ import jax
 from timing import best_time  # benchmarks/timing.py (script dir on sys.path)
 
 import edkit
+from edkit import cores
 from edkit.refine import core
 from edkit.refine.problem import build_problem
 
@@ -55,7 +56,7 @@ METHODS: dict[str, tuple[dict, bool, str]] = {
 }
 
 
-def measure(name: str, every: int, repeats: int, devices: int) -> dict:
+def measure(name: str, every: int, repeats: int, devices: int | None) -> dict:
     """Set up one method's refinement and time its forward pass and epoch (this process)."""
     options, one_size, _ = METHODS[name]
     crystal = edkit.read_cif(edkit.example_file("quartz_kinematical.cif"))
@@ -104,6 +105,7 @@ def measure(name: str, every: int, repeats: int, devices: int) -> dict:
         "forward": t_forward,
         "epoch": t_epoch,
         "chunks": len(problem.chunks),
+        "devices": refinement.memory_plan.devices,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -116,8 +118,9 @@ def main() -> None:
     parser.add_argument(
         "--devices",
         type=int,
-        default=1,
-        help="shard frames over N devices (CPU: set XLA_FLAGS host device count first)",
+        default=None,
+        help="shard frames over N devices (default: every local device, on CPU one per core "
+        "as edkit.cores sets up; 1 for the single-device route)",
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: one method, JSON out
     args = parser.parse_args()
@@ -127,25 +130,29 @@ def main() -> None:
     names = args.methods.split(",")
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} "
-        f"({jax.default_backend()}), {args.devices} device(s); real quartz, every "
+        f"({jax.default_backend()}), {cores.describe()}, devices={args.devices or 'default'}; "
+        f"real quartz, every "
         f"{args.every} frame(s), profile-net thickness"
     )
     header = (
         f"{'method':13} {'solves':>6} {'size':>5} {'weak':>5} {'fwd s':>7} {'epoch s':>8} "
-        f"{'ep/fwd':>6} {'vs v1':>6} {'peak MB':>8}  description"
+        f"{'ep/fwd':>6} {'vs v1':>6} {'peak MB':>8} {'dev':>3}  description"
     )
     print(header)
     first = None
     for name in names:
         command = [sys.executable, __file__, "--one", name, "--every", str(args.every)]
-        command += ["--repeats", str(args.repeats), "--devices", str(args.devices)]
+        command += ["--repeats", str(args.repeats)]
+        if args.devices is not None:
+            command += ["--devices", str(args.devices)]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         first = first or row
         print(
             f"{name:13} {row['solves']:6d} {row['mean_size']:5.0f} {row['weak']:5.1f} "
             f"{row['forward']:7.3f} {row['epoch']:8.3f} {row['epoch'] / row['forward']:6.2f} "
-            f"{first['epoch'] / row['epoch']:6.2f} {row['peak_mb']:8.0f}  {METHODS[name][2]}",
+            f"{first['epoch'] / row['epoch']:6.2f} {row['peak_mb']:8.0f} {row['devices']:3d}  "
+            f"{METHODS[name][2]}",
             flush=True,
         )
 

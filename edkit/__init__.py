@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (edkit.cores must configure JAX before the imports below can start it)
 """edkit: hybrid Bloch-wave + neural-network refinement against 3D electron diffraction data.
 
 Public API (everything a notebook needs)::
@@ -10,7 +11,17 @@ Public API (everything a notebook needs)::
 
 Physics runs in float64 through scoped ``jax.enable_x64`` at these entry points; the global
 JAX flag is never flipped on import. ``import edkit`` loads no widget library.
+
+``import edkit`` does set one global: when JAX has not started yet, it asks for one CPU device
+per core and keeps LAPACK single-threaded inside each (:mod:`edkit.cores`: XLA solves a batch
+of eigenproblems on one thread, so the frames are sharded over the cores instead);
+``EDKIT_CPU_DEVICES=1`` turns that off.
 """
+
+from edkit import cores
+
+cores.configure_cpu_devices()  # before anything below can start JAX
+
 
 from edkit import metrics
 from edkit.crystal import Crystal

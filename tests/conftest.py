@@ -1,7 +1,15 @@
 """Test set-up: float64 physics, strict rank promotion (style.md §8)."""
 
 import gc
+import os
 from pathlib import Path
+
+# One CPU device in the test processes (their subprocesses inherit it): these tests run small
+# problems whose time is mostly compiling, and a program sharded over two devices compiles
+# slower (the default suite took 699 s instead of ≈ 530 s). tests/test_cores.py checks, in fresh
+# processes with edkit's default of one device per core, that sharded searches, frames and
+# steps equal one device's. Set EDKIT_CPU_DEVICES yourself to run the suite otherwise.
+os.environ.setdefault("EDKIT_CPU_DEVICES", "1")
 
 import jax
 import pytest

@@ -9,12 +9,12 @@ The run itself is :func:`edkit.refine.schedule.run_schedule`: checkpoints into `
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from edkit import cores
 from edkit.cli.config import apply_config, template, validate
 from edkit.cli.flags import DEFAULT_OUT, OPTION_FIELDS, add_refine_options, options_of
 from edkit.cli.outputs import difference_map_summary
@@ -55,7 +55,8 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     if left:
         from edkit.refine.estimate import estimate_time
 
-        print(estimate_time(refinement.setup).describe(left), flush=True)
+        estimated = estimate_time(refinement.setup, refinement.memory_plan.devices)
+        print(estimated.describe(left), flush=True)
     estimate = "; a measured time estimate follows the first step" if left else ""
     converging = schedule.until_converged and all(
         s.kind != "lm" for s in schedule.stages()[: position.stage + 1]
@@ -371,14 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             args.structure = example_file("quartz_kinematical.cif")
             args.data = example_file("quartz_experimental.cif_pets")
             print(f"edkit demo: {args.structure.name} against {args.data.name}", flush=True)
-        if devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get(
-            "XLA_FLAGS", ""
-        ):
-            # Read when JAX's CPU backend starts, which no edkit import does.
-            os.environ["XLA_FLAGS"] = (
-                os.environ.get("XLA_FLAGS", "")
-                + f" --xla_force_host_platform_device_count={devices}"
-            ).strip()
+        if devices is not None:  # read when JAX's CPU backend starts, which no import does
+            cores.request_cpu_devices(devices)
         if isinstance(args.data, list) or getattr(args, "resume_joint", False):
             from edkit.cli.joint import refine_joint
 
@@ -416,9 +411,9 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise KeyError(name)
 
 
-def _check_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _check_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int | None:
     """With --resume: no flag the checkpoint fixes; sets ``args.resume_folder`` (the checkpoint)
-    and returns the stored number of devices (needed before JAX starts)."""
+    and returns the stored number of devices (needed before JAX starts; None: every one)."""
     defaults = vars(parser.parse_args([args.command]))
     given = [
         name for name, value in vars(args).items()
@@ -436,9 +431,10 @@ def _check_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     first = args.resume_folder / ("dataset_1" if args.resume_joint else "")
     try:
         config = json.loads((first / "config.json").read_text())
-        return int(config["options"]["devices"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 1  # Refinement.load names the file and what is wrong with it
+        devices = config["options"].get("devices", 1)
+        return None if devices is None else int(devices)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # Refinement.load names the file and what is wrong with it
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def validate(args: argparse.Namespace) -> str:
             else ""
         ),
         plan.describe(),
-        estimate_time(setup).describe(args.steps or args.max_steps),
+        estimate_time(setup, plan.devices).describe(args.steps or args.max_steps),
         "valid: edkit refine with the same flags would start",
     ]
     return "\n".join(lines)

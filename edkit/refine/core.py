@@ -28,7 +28,7 @@ from flax import nnx
 from edkit.refine.objective import chunk_partial_sum, loss_from_sums
 from edkit.refine.problem import Chunk, Problem
 from edkit.refine.restraints import restraint_residuals
-from edkit.simulate.stack import Potentials, StackConfig, potentials, stack_frames
+from edkit.simulate.stack import Potentials, StackConfig, potentials, replicated, stack_frames
 
 
 class Intermediates(NamedTuple):
@@ -327,10 +327,19 @@ def apply_gradient(
     return RefineState(params, opt_state, state.step + 1), penalty, finite, norms
 
 
+def placed[T](tree: T, problem: Problem) -> T:
+    """``tree`` (parameters, optimiser state) on the devices the frames are sharded over, one
+    copy each, as the sharded programs return it: a step's inputs then have one placement from
+    the first step on, and its program is compiled once. A no-op on one device."""
+    if problem.config.devices <= 1:
+        return tree
+    return jax.device_put(tree, replicated(problem.config.devices))
+
+
 def accumulate(problem: Problem, params: Any, *, gradient: bool = True):
     """Stream every chunk: the summed training and validation partial sums, every reflection's
     I_calc (n_refl,) and, with ``gradient``, the summed cotangent of the training sum."""
-    z = intermediates(params, problem)
+    z = intermediates(placed(params, problem), problem)
     reciprocal = problem.tables.reciprocal_basis
     if problem.fused:
         return fused_value_and_cotangent(z, problem, gradient)
@@ -356,6 +365,7 @@ def step(state: RefineState, problem: Problem) -> tuple[RefineState, Metrics]:
     exact partial sums). A non-finite gradient leaves the parameters unchanged
     (``Metrics.finite`` False; the optimiser counts it).
     """
+    state = placed(state, problem)
     train, validation, i_calc, cotangent = accumulate(problem, state.params)
     train = train + restraint_value(state.params, problem)
     loss, factor = loss_from_sums(problem.objective, train, problem.train_denominator)
@@ -390,6 +400,7 @@ def parameter_gradient(
 
 def value_and_grad(params: Any, problem: Problem) -> tuple[jax.Array, Any]:
     """The training loss (penalty included) and its gradient w.r.t. ``params``, streamed."""
+    params = placed(params, problem)
     train, _, _, cotangent = accumulate(problem, params)
     train = train + restraint_value(params, problem)
     loss, factor = loss_from_sums(problem.objective, train, problem.train_denominator)

@@ -137,8 +137,9 @@ class RefinementOptions:
         cli=None, units="1", help="a loss this many times the best one counts as divergence"))
     precision: Precision = field(default="double", metadata=_meta(
         cli="--precision", help="complex128 (double) or complex64 (single) Bloch solves"))
-    devices: int = field(default=1, metadata=_meta(
-        cli="--devices", help="shard frames over N devices (on CPU: N host devices)"))
+    devices: int | None = field(default=None, metadata=_meta(
+        cli="--devices", none="every local device the memory budget allows (on CPU one per "
+        "core, edkit.cores)", help="shard frames over N devices (on CPU: N host devices)"))
     remat: Remat = field(default=None, metadata=_meta(
         cli="--low-memory", flag="eigensystems", none="chosen by the memory planner",
         help="keep only the eigendecompositions for the gradient (large cells)"))
@@ -284,7 +285,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     ),
     "riding": (lambda v: isinstance(v, bool), "True or False"),
     "divergence_factor": (lambda v: _is_real(v) and v > 1, "a factor > 1"),
-    "devices": (lambda v: _is_int(v) and v >= 1, "an integer ≥ 1"),
+    "devices": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer ≥ 1 or None"),
     "remat": (
         lambda v: v is None or isinstance(v, bool) or v == "eigensystems",
         "False, True, 'eigensystems' or None (the planner chooses)",

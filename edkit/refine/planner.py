@@ -20,7 +20,9 @@ whole-process peak against ``benchmarks/large.py``.
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
+from edkit.cores import default_devices
 from edkit.errors import EdkitError
 from edkit.simulate.setup import FrameSetup
 from edkit.simulate.stack import Remat, bucket_layout, sub_batch_size
@@ -77,6 +79,7 @@ class MemoryPlan:
       batch_bytes: transient working set of one solved batch. peak_bytes: the estimated
       whole-process peak of a step. n_chunks: chunks per step. largest: (n, n_w, n_s) of the
       largest bucket. fused: every chunk in one compiled program (small problems).
+      devices: devices each chunk's frames are sharded over.
     """
 
     chunk_frames: int
@@ -89,11 +92,14 @@ class MemoryPlan:
     n_chunks: int
     largest: tuple[int, int, int]
     fused: bool = False
+    devices: int = 1
 
     def describe(self) -> str:
         """One line for logs and reports."""
         n, n_w, n_s = self.largest
         mode = "one program" if self.fused else "streamed"
+        if self.devices > 1:
+            mode += f", sharded over {self.devices} devices"
         return (
             f"memory plan: {self.chunk_frames} frame(s) per chunk ({self.n_chunks} chunks, "
             f"{mode}), "
@@ -162,6 +168,34 @@ def setup_bytes(setup: FrameSetup) -> float:
 
 
 def plan_memory(
+    setup: FrameSetup,
+    *,
+    devices: int | None = 1,
+    **options: Any,
+) -> MemoryPlan:
+    """:func:`plan_for_devices` for ``devices`` devices, or with None for as many of JAX's
+    local devices (:func:`edkit.cores.default_devices`, one per CPU core) as there are frames
+    and as the budget allows (a chunk holds a multiple of them); ``options`` as there.
+
+    Raises:
+      EdkitError: one frame alone does not fit, naming the bytes needed and what to change.
+    """
+    if devices is not None:
+        return plan_for_devices(setup, devices=devices, **options)
+    count = max(1, min(default_devices(), setup.n_frames))
+    chunk = options.get("chunk_frames")
+    if chunk is not None:  # a given chunk size: as many devices as divide it (no padded frame)
+        count = max(d for d in range(1, min(count, int(chunk)) + 1) if int(chunk) % d == 0)
+    while True:
+        try:
+            return plan_for_devices(setup, devices=count, **options)
+        except EdkitError:
+            if count == 1:
+                raise
+            count -= 1
+
+
+def plan_for_devices(
     setup: FrameSetup,
     *,
     n_t: int = 2,
@@ -253,6 +287,7 @@ def plan_memory(
         chunk_frames=int(c), remat=choice, budget_bytes=budget, fixed_bytes=fixed,
         frame_bytes=kept + batch / max(1, min(batch_size, c)), batch_bytes=batch,
         peak_bytes=peak, n_chunks=int(n_chunks), largest=(int(n), n_w, n_sub), fused=fused,
+        devices=int(devices),
     )  # fmt: skip
     if peak > budget:
         raise EdkitError(

@@ -267,7 +267,7 @@ def _prepare(
         # less time; large beam sets, where the solves are the whole cost, gain more.
         search = thickness_search(
             crystal, dataset, grid, setup=setup, chunk_frames=plan.chunk_frames,
-            solve_dtype=jnp.complex64, progress=progress,
+            solve_dtype=jnp.complex64, progress=progress, devices=plan.devices,
         )  # fmt: skip
         best = search["thickness_best"].values
         if not np.isfinite(best).any():
@@ -289,7 +289,7 @@ def _prepare(
         config=stack_config(
             setup, opts.absorption is not None, "eig",
             jnp.complex64 if opts.precision == "single" else None, opts.batch_size,
-            plan.remat, opts.devices,
+            plan.remat, plan.devices,
         ),
         objective=opts.objective, chunk_frames=plan.chunk_frames, fused=plan.fused,
     )  # fmt: skip

@@ -10,6 +10,7 @@ import numpy as np
 import xarray as xr
 
 from edkit.constants import electron_wavelength, potential_prefactor
+from edkit.cores import threaded_lapack
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.physics import bloch
@@ -270,7 +271,8 @@ def simulate_pattern(
       ``g`` (|g|, 1/Å) and ``excitation_error`` (1/Å) on ``beam``, ``thickness`` (Å).
     """
     axis, t = _check_pattern_inputs(zone_axis, thickness, voltage, g_max, sg_max, absorption)
-    with jax.enable_x64(True):
+    # One orientation, one device: the solve gets every BLAS thread (edkit.cores).
+    with jax.enable_x64(True), threaded_lapack():
         plan = _plan(
             crystal, axis, voltage, g_max, sg_max, mean_inner_potential, prune_centring, None
         )

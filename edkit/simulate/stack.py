@@ -14,7 +14,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edkit.constants import electron_wavelength, potential_prefactor
 from edkit.errors import EdkitError
@@ -283,7 +283,7 @@ def stack_frames(
         inputs = (*inputs, *(x for x in arrays[10:] if x is not None))
     inputs = tuple(jnp.asarray(x) for x in inputs)
     if config.devices > 1:
-        return _sharded(map_frames, tuple(pot), inputs, config.devices)
+        return sharded_map(map_frames, tuple(pot), inputs, config.devices)
     return map_frames(tuple(pot), *inputs)
 
 
@@ -393,30 +393,48 @@ def stack_config(
     )
 
 
-def _sharded(map_frames: Callable, shared: tuple, inputs: tuple, devices: int) -> jax.Array:
-    """Run ``map_frames`` with the frames split over ``devices`` devices (results identical to
-    the single-device map: the same per-frame program runs on each shard).
+def frame_mesh(devices: int) -> Mesh:
+    """The one-axis mesh ("frames") of the first ``devices`` devices that frames are split over.
 
-    ``jax.devices()`` is the global device list, so after ``jax.distributed.initialize`` on every
-    host the same call spans hosts (multi-controller; see the README, untested here)."""
+    Raises:
+      EdkitError: JAX sees fewer devices.
+    """
     available = jax.devices()
     if devices > len(available):
         raise EdkitError(
-            f"devices = {devices}, but JAX sees {len(available)}; on CPU start with "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}"
+            f"devices = {devices}, but JAX sees {len(available)}; on CPU set "
+            f"EDKIT_CPU_DEVICES={devices} before importing edkit (or start with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices})"
         )
+    return Mesh(np.array(available[:devices]), ("frames",))
+
+
+def replicated(devices: int) -> NamedSharding:
+    """Where parameters live when frames are sharded over ``devices``: a copy on each device of
+    :func:`frame_mesh` (what the sharded programs return them as, so that every step's inputs
+    keep one placement and its program is compiled once)."""
+    return NamedSharding(frame_mesh(devices), PartitionSpec())
+
+
+def sharded_map(map_frames: Callable, shared: tuple, inputs: tuple, devices: int) -> Any:
+    """Run ``map_frames(shared, *inputs)`` with the frames (leading axis of ``inputs`` and of
+    every output) split over ``devices`` devices (results identical to the single-device map:
+    the same per-frame program runs on each shard).
+
+    ``jax.devices()`` is the global device list, so after ``jax.distributed.initialize`` on every
+    host the same call spans hosts (multi-controller; see the README, untested here)."""
     n = inputs[0].shape[0]
     pad = (-n) % devices  # shards must be equal: repeat the last frame, drop it afterwards
     if pad:
         inputs = tuple(jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) for x in inputs)
-    mesh = Mesh(np.array(available[:devices]), ("frames",))
+    mesh = frame_mesh(devices)
     sharded = jax.shard_map(
         map_frames,
         mesh=mesh,
         in_specs=(PartitionSpec(), *(PartitionSpec("frames") for _ in inputs)),
         out_specs=PartitionSpec("frames"),
     )
-    return sharded(shared, *inputs)[:n]
+    return jax.tree.map(lambda x: x[:n], sharded(shared, *inputs))
 
 
 def reflection_intensities(setup: FrameSetup, frame_stack: jax.Array) -> jax.Array:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from edkit.cores import default_devices
 from edkit.physics import bloch
 from edkit.physics.structure import StructureParams, StructureTables
 from edkit.simulate.setup import FrameSetup
@@ -48,6 +49,7 @@ def stream_frames(
     absorption_method: bloch.AbsorptionMethod = "eig",
     chunk_frames: int = 8,
     reduce: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    devices: int | None = None,
 ) -> np.ndarray:
     """Forward-only :func:`frame_intensity_stack`, streamed chunk by chunk of frames.
 
@@ -61,6 +63,8 @@ def stream_frames(
       chunk_frames: frames per chunk.
       reduce: ``reduce(frames, stack)`` maps each chunk's (c, n_t, n) intensities to a smaller
         per-frame result (c, ...) kept instead of the stack (e.g. reflections only).
+      devices: each chunk's frames are sharded over this many devices; None: every local
+        device (:func:`edkit.cores.default_devices`, one per CPU core), at most ``chunk_frames``.
 
     Returns:
       (n_f, n_t, n) intensities (zero on padding beams), or the stacked ``reduce`` results.
@@ -68,7 +72,11 @@ def stream_frames(
     real = bool(setup.settings.get("centric", False))
     kappa = None if absorption is None else float(absorption)
     pot = potentials_jit(params, tables, setup.differences, float(setup.voltage), kappa, real)
-    config = stack_config(setup, absorption is not None, absorption_method)
+    if devices is None:
+        devices = min(default_devices(), chunk_frames, setup.n_frames)
+    config = stack_config(
+        setup, absorption is not None, absorption_method, devices=max(1, int(devices))
+    )
     thickness = np.asarray(thickness)
     zeros = np.zeros((setup.n_frames, 3))
     parts, order = [], []

@@ -25,6 +25,7 @@ import xarray as xr
 
 from edkit import metrics
 from edkit.constants import potential_prefactor
+from edkit.cores import default_devices
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.physics import bloch
@@ -32,7 +33,13 @@ from edkit.physics.rocking import INERT_EXCITATION_ERROR, chebyshev_fit, sub_ori
 from edkit.physics.structure import structure_params, structure_tables
 from edkit.progress import progress_bar
 from edkit.simulate.setup import FrameSetup, build_frame_setup
-from edkit.simulate.stack import FrameArrays, StackConfig, frame_arrays, stack_config
+from edkit.simulate.stack import (
+    FrameArrays,
+    StackConfig,
+    frame_arrays,
+    sharded_map,
+    stack_config,
+)
 from edkit.simulate.stack import sub_batch_size as _sub_batch_size
 from edkit.simulate.stream import chunk_layout, potentials_jit
 from edkit.simulate.thickness_prior import (
@@ -145,11 +152,18 @@ def _eigensystems(
     inputs: tuple = (*arrays[:2], *arrays[3:6], rows)
     if arrays.weak_hkl is not None:
         inputs = (*inputs, *arrays[6:10])  # the frame's beams (runs are not used here)
-    return jax.lax.map(
-        lambda x: _frame_eigensystems(x, tuple(pot), reciprocal, config, sub_batch),
-        tuple(jnp.asarray(x) for x in inputs),
-        batch_size=config.batch_size,
-    )
+
+    def map_frames(shared: tuple, *frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return jax.lax.map(
+            lambda x: _frame_eigensystems(x, shared, reciprocal, config, sub_batch),
+            frames,
+            batch_size=config.batch_size,
+        )
+
+    inputs = tuple(jnp.asarray(x) for x in inputs)
+    if config.devices > 1:
+        return sharded_map(map_frames, tuple(pot), inputs, config.devices)
+    return map_frames(tuple(pot), *inputs)
 
 
 def _intensities(
@@ -269,6 +283,7 @@ def thickness_search(
     solve_dtype: Any = None,
     progress: bool | None = None,
     at: np.ndarray | None = None,
+    devices: int | None = None,
     **setup_options: Any,
 ) -> xr.Dataset:
     """Per-frame thickness: a coarse grid, a fine search from the same eigensystems, and a
@@ -298,6 +313,8 @@ def thickness_search(
         None: where someone watches (an interactive terminal or a notebook).
       at: (n_frames,) thicknesses, Å, at which each frame's R is also wanted (e.g. a
         refinement's): ``r_obs_at`` in the result, from the same eigensystems.
+      devices: shard each chunk's frames over this many devices; None: every local device
+        (:func:`edkit.cores.default_devices`), at most ``chunk_frames``.
 
     Returns:
       Dataset on ``frame`` (and ``thickness``, the coarse grid): ``r_obs_frame`` (frame,
@@ -346,7 +363,11 @@ def thickness_search(
         real = bool(setup.settings.get("centric", False))
         kappa = None if absorption is None else float(absorption)
         pot = potentials_jit(params, tables, setup.differences, float(setup.voltage), kappa, real)
-        config = stack_config(setup, absorption is not None, "eig", solve_dtype)
+        if devices is None:
+            devices = min(default_devices(), chunk_frames, n_frames)
+        config = stack_config(
+            setup, absorption is not None, "eig", solve_dtype, devices=max(1, int(devices))
+        )
         bar = progress_bar(n_frames, "thickness search", "frame", progress)
         for frames, size, n_w in chunk_layout(setup, chunk_frames):
             chunk = _Chunk(setup, [by_frame[f] for f in frames], n_rows)
