@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from edkit import metrics
 from edkit.constants import potential_prefactor
 from edkit.cores import default_devices
 from edkit.crystal import Crystal
@@ -42,6 +41,7 @@ from edkit.simulate.stack import (
 )
 from edkit.simulate.stack import sub_batch_size as _sub_batch_size
 from edkit.simulate.stream import chunk_layout, potentials_jit
+from edkit.simulate.thickness_fine import ScoredRows, local_minima, zoom
 from edkit.simulate.thickness_prior import (
     DEFAULT_OUTLIER_TOLERANCE,
     DEFAULT_SMOOTHNESS,
@@ -56,7 +56,6 @@ DEFAULT_CANDIDATES = 3
 #: Zoom levels of the fine search (nine points each, the interval shrinking 4× per level): two
 #: reach 1.6 Å on a 25 Å grid.
 DEFAULT_LEVELS = 2
-_ZOOM_POINTS = 9
 
 
 def _frame_eigensystems(
@@ -201,72 +200,6 @@ _coarse_pass_jit = jax.jit(_coarse_pass, static_argnums=(5,))
 _intensities_jit = jax.jit(_intensities)
 
 
-def _local_minima(curve: np.ndarray, count: int) -> np.ndarray:
-    """Indices of the ``count`` lowest local minima of a curve (ends included), lowest first;
-    padded with the lowest one. A curve without finite values gives zeros."""
-    finite = np.where(np.isfinite(curve), curve, np.inf)
-    if not np.isfinite(finite).any():
-        return np.zeros(count, dtype=np.int64)
-    left = np.concatenate([[np.inf], finite[:-1]])
-    right = np.concatenate([finite[1:], [np.inf]])
-    index = np.flatnonzero((finite <= left) & (finite <= right) & np.isfinite(finite))
-    index = index[np.argsort(finite[index], kind="stable")][:count]
-    return np.concatenate([index, np.full(count - index.size, index[0])]).astype(np.int64)
-
-
-class _Chunk:
-    """A chunk's scored reflections laid out as rows (c, r) of beam positions."""
-
-    def __init__(self, setup: FrameSetup, refl: list[np.ndarray], n_rows: int):
-        self.refl = refl  # each frame's scored reflections (indices into the dataset)
-        self.rows = np.zeros((len(refl), n_rows), dtype=np.int32)
-        for i, frame_refl in enumerate(refl):
-            self.rows[i, : frame_refl.size] = setup.refl_beam[frame_refl]
-        self.local = np.concatenate([np.full(r.size, i) for i, r in enumerate(self.refl)])
-        self.position = np.concatenate([np.arange(r.size) for r in self.refl])
-        self.index = np.concatenate(self.refl)
-
-    def r_obs(self, i_obs: np.ndarray, sigma: np.ndarray, intensities: np.ndarray) -> np.ndarray:
-        """Per-frame R_obs (c, n_t) from row intensities (c, n_t, r): every (frame, column) pair
-        is one 'frame' of :func:`edkit.metrics.frame_r_obs`, its one definition."""
-        c, n_t = intensities.shape[:2]
-        per_refl = intensities[self.local, :, self.position]  # (n_refl, n_t)
-        groups = (self.local[:, None] * n_t + np.arange(n_t)[None, :]).ravel()
-        r = metrics.frame_r_obs(
-            np.repeat(i_obs[self.index], n_t), np.repeat(sigma[self.index], n_t),
-            per_refl.ravel(), groups, c * n_t,
-        )  # fmt: skip
-        return r.reshape(c, n_t)
-
-
-def _zoom(
-    chunk: _Chunk,
-    evaluate: Any,
-    grid: np.ndarray,
-    start: np.ndarray,
-    levels: int,
-    observed: tuple[np.ndarray, np.ndarray],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Refine candidates (c, k) (grid indices) by ``levels`` zooms of nine points; returns the
-    best thickness (c, k), Å, and its R (c, k). Level 1 spans the neighbouring grid points."""
-    c, k = start.shape
-    lo = grid[np.maximum(start - 1, 0)]
-    hi = grid[np.minimum(start + 1, grid.size - 1)]
-    best_t, best_r = grid[start], np.full((c, k), np.inf)
-    for _ in range(levels):
-        points = lo[..., None] + (hi - lo)[..., None] * np.linspace(0.0, 1.0, _ZOOM_POINTS)
-        r = chunk.r_obs(*observed, evaluate(points.reshape(c, k * _ZOOM_POINTS)))
-        r = np.where(np.isfinite(r), r, np.inf).reshape(c, k, _ZOOM_POINTS)
-        pick = np.argmin(r, axis=2)
-        t_pick = np.take_along_axis(points, pick[..., None], 2)[..., 0]
-        r_pick = np.take_along_axis(r, pick[..., None], 2)[..., 0]
-        better = r_pick < best_r
-        best_t, best_r = np.where(better, t_pick, best_t), np.where(better, r_pick, best_r)
-        step = (hi - lo) / (_ZOOM_POINTS - 1)
-        lo, hi = np.maximum(best_t - step, lo), np.minimum(best_t + step, hi)
-    return best_t, best_r
-
-
 def thickness_search(
     crystal: Crystal,
     dataset: xr.Dataset,
@@ -370,7 +303,7 @@ def thickness_search(
         )
         bar = progress_bar(n_frames, "thickness search", "frame", progress)
         for frames, size, n_w in chunk_layout(setup, chunk_frames):
-            chunk = _Chunk(setup, [by_frame[f] for f in frames], n_rows)
+            chunk = ScoredRows(setup, [by_frame[f] for f in frames], n_rows)
             if chunk.index.size == 0:  # nothing scored: no solve needed
                 bar.update(len(frames))
                 continue
@@ -388,9 +321,9 @@ def thickness_search(
             curves[frames] = coarse
             if at is not None:
                 r_at[frames] = chunk.r_obs(i_obs, sigma, evaluate(at[frames, None]))[:, 0]
-            start = np.stack([_local_minima(row, k) for row in coarse])
+            start = np.stack([local_minima(row, k) for row in coarse])
             if levels > 0:
-                t_fine, r_fine = _zoom(chunk, evaluate, grid, start, levels, (i_obs, sigma))
+                t_fine, r_fine = zoom(chunk, evaluate, grid, start, levels, (i_obs, sigma))
             else:
                 t_fine, r_fine = grid[start], np.take_along_axis(coarse, start, 1)
             r_fine = np.where(np.isfinite(r_fine), r_fine, np.nan)
