@@ -148,6 +148,17 @@ def default_devices() -> int:
     return jax.local_device_count()
 
 
+def devices_for(n_frames: int, chunk_frames: int | None = None) -> int:
+    """Devices to shard ``n_frames`` frames over by default: every local device
+    (:func:`default_devices`), no more than the frames and, for a given chunk size, a divisor of
+    it (so that no shard is padded with a repeated frame)."""
+    count = max(1, min(default_devices(), int(n_frames)))
+    if chunk_frames is not None:
+        chunk = max(1, int(chunk_frames))
+        count = max(d for d in range(1, min(count, chunk) + 1) if chunk % d == 0)
+    return count
+
+
 def describe() -> str:
     """One line: the devices JAX sees and how many threads LAPACK's BLAS has (for reports)."""
     devices = jax.local_devices()

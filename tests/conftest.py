@@ -2,6 +2,8 @@
 
 import gc
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # One CPU device in the test processes (their subprocesses inherit it): these tests run small
@@ -35,6 +37,21 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def run_python(
+    code: str, env: dict[str, str], *options: str, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python (this interpreter, ``options`` before ``-c``) with
+    environment ``env``; its output captured as text, its exit status not checked."""
+    return subprocess.run(
+        [sys.executable, *options, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="session")

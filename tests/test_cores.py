@@ -4,9 +4,9 @@ step). The import checks run in fresh processes (the device count is fixed once 
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
+
+from conftest import run_python
 
 from edkit import cores
 
@@ -26,14 +26,7 @@ REPORT = textwrap.dedent(
 
 def _import_report(before: str = "", **environment: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cores.ENVIRONMENT)}
-    result = subprocess.run(
-        [sys.executable, "-c", REPORT.format(before=before)],
-        env={**env, **environment},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_python(REPORT.format(before=before), {**env, **environment}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -65,14 +58,8 @@ def test_the_users_choice_wins() -> None:
 
 
 def test_a_bad_environment_value_is_ignored_with_a_warning() -> None:
-    result = subprocess.run(
-        [sys.executable, "-W", "error::UserWarning", "-c", "import edkit"],
-        env={**os.environ, cores.ENVIRONMENT: "lots"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    environment = {**os.environ, cores.ENVIRONMENT: "lots"}
+    result = run_python("import edkit", environment, "-W", "error::UserWarning", timeout=120)
     assert result.returncode != 0
     assert "EDKIT_CPU_DEVICES='lots' is not a positive integer" in result.stderr
 
@@ -145,14 +132,7 @@ def test_sharded_search_frames_and_steps_give_the_single_device_results() -> Non
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cores.ENVIRONMENT)}
     if cores.usable_cores() < 2:
         env[cores.ENVIRONMENT] = "2"
-    result = subprocess.run(
-        [sys.executable, "-c", SHARDED],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = run_python(SHARDED, env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     devices = report["devices"]

@@ -1,11 +1,10 @@
 """Frames sharded over two forced CPU devices give the single-device results."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import run_python
 
 SCRIPT = textwrap.dedent(
     """
@@ -43,13 +42,6 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.slow  # compile-heavy; runs in CI's test-slow
 def test_sharded_frames_match_single_device(data_dir):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(data=data_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = run_python(SCRIPT.format(data=data_dir), env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "max forward difference" in result.stdout

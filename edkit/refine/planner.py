@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from edkit.cores import default_devices
+from edkit.cores import devices_for
 from edkit.errors import EdkitError
 from edkit.simulate.setup import FrameSetup
 from edkit.simulate.stack import Remat, bucket_layout, sub_batch_size
@@ -173,19 +173,16 @@ def plan_memory(
     devices: int | None = 1,
     **options: Any,
 ) -> MemoryPlan:
-    """:func:`plan_for_devices` for ``devices`` devices, or with None for as many of JAX's
-    local devices (:func:`edkit.cores.default_devices`, one per CPU core) as there are frames
-    and as the budget allows (a chunk holds a multiple of them); ``options`` as there.
+    """:func:`plan_for_devices` for ``devices`` devices, or with None for
+    :func:`edkit.cores.devices_for` devices (one per CPU core), fewer while a chunk of one frame
+    per device does not fit the budget; ``options`` as there.
 
     Raises:
       EdkitError: one frame alone does not fit, naming the bytes needed and what to change.
     """
     if devices is not None:
         return plan_for_devices(setup, devices=devices, **options)
-    count = max(1, min(default_devices(), setup.n_frames))
-    chunk = options.get("chunk_frames")
-    if chunk is not None:  # a given chunk size: as many devices as divide it (no padded frame)
-        count = max(d for d in range(1, min(count, int(chunk)) + 1) if int(chunk) % d == 0)
+    count = devices_for(setup.n_frames, options.get("chunk_frames"))
     while True:
         try:
             return plan_for_devices(setup, devices=count, **options)

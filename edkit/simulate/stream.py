@@ -11,7 +11,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from edkit.cores import default_devices
+from edkit.cores import devices_for
 from edkit.physics import bloch
 from edkit.physics.structure import StructureParams, StructureTables
 from edkit.simulate.setup import FrameSetup
@@ -64,7 +64,7 @@ def stream_frames(
       reduce: ``reduce(frames, stack)`` maps each chunk's (c, n_t, n) intensities to a smaller
         per-frame result (c, ...) kept instead of the stack (e.g. reflections only).
       devices: each chunk's frames are sharded over this many devices; None: every local
-        device (:func:`edkit.cores.default_devices`, one per CPU core), at most ``chunk_frames``.
+        device (:func:`edkit.cores.devices_for`, one per CPU core, a divisor of ``chunk_frames``).
 
     Returns:
       (n_f, n_t, n) intensities (zero on padding beams), or the stacked ``reduce`` results.
@@ -73,7 +73,7 @@ def stream_frames(
     kappa = None if absorption is None else float(absorption)
     pot = potentials_jit(params, tables, setup.differences, float(setup.voltage), kappa, real)
     if devices is None:
-        devices = min(default_devices(), chunk_frames, setup.n_frames)
+        devices = devices_for(setup.n_frames, chunk_frames)
     config = stack_config(
         setup, absorption is not None, absorption_method, devices=max(1, int(devices))
     )

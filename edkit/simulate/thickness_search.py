@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 
 from edkit.constants import potential_prefactor
-from edkit.cores import default_devices
+from edkit.cores import devices_for
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.physics import bloch
@@ -247,7 +247,7 @@ def thickness_search(
       at: (n_frames,) thicknesses, Å, at which each frame's R is also wanted (e.g. a
         refinement's): ``r_obs_at`` in the result, from the same eigensystems.
       devices: shard each chunk's frames over this many devices; None: every local device
-        (:func:`edkit.cores.default_devices`), at most ``chunk_frames``.
+        (:func:`edkit.cores.devices_for`), a divisor of ``chunk_frames``.
 
     Returns:
       Dataset on ``frame`` (and ``thickness``, the coarse grid): ``r_obs_frame`` (frame,
@@ -297,7 +297,7 @@ def thickness_search(
         kappa = None if absorption is None else float(absorption)
         pot = potentials_jit(params, tables, setup.differences, float(setup.voltage), kappa, real)
         if devices is None:
-            devices = min(default_devices(), chunk_frames, n_frames)
+            devices = devices_for(n_frames, chunk_frames)
         config = stack_config(
             setup, absorption is not None, "eig", solve_dtype, devices=max(1, int(devices))
         )
