@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 # cross-check) only for the test targets.
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+# pytest processes for test and test-slow (pytest-xdist, whole files per process so that a
+# module's fixtures are built once): 2 took the default suite from 578 s to 420 s on 2 cores.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-slow test-benchmarks test-notebooks test-binder test-browser docs binder-badge lint bench clean
 
@@ -32,10 +35,10 @@ test: $(TEST_STAMP)
 	$(VENV)/bin/ruff format --check edkit tests benchmarks
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy edkit
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(TEST_STAMP)
-	$(PY) -m pytest -q -m slow --durations=10
+	$(PY) -m pytest -q -m slow --durations=10 -n $(TEST_WORKERS) --dist loadfile
 
 # Long reproductions kept out of CI's time budget (the paper benchmark through the compat
 # transform: about 8 minutes on 2 cores).

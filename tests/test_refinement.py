@@ -706,6 +706,35 @@ def test_simulated(refined, dataset) -> None:
         np.testing.assert_array_equal(simulated[name], dataset[name])
 
 
+def test_one_forward_pass_per_state(template, monkeypatch) -> None:
+    """The report, the simulated frames and I_calc of one state cost one forward pass; the start
+    (from the spread choice) and a run's best state (from the step that measured it) cost none,
+    and what they keep equals a fresh pass."""
+    real = core.predict
+    calls: list[int] = []
+
+    def counted(params, problem):
+        calls.append(1)
+        return real(params, problem)
+
+    monkeypatch.setattr(core, "predict", counted)
+    r = fresh(template)
+    r.remember_i_calc(r.state, template.predict())  # fresh() made new (equal) parameters
+    assert calls == []  # the template's start: kept from the spread choice
+    np.testing.assert_allclose(r.predict(), real(r.state, r.problem), rtol=1e-10)
+    calls.clear()
+    r._i_calc_kept = None  # so that the best state's I_calc can only come from its step
+    r.step(3)
+    r.use_best()
+    kept = r.predict()
+    r.report(), r.simulated()
+    assert calls == []
+    np.testing.assert_allclose(kept, real(r.state, r.problem), rtol=1e-10)
+    r.step(1)  # a new state: one pass, then none
+    r.predict(), r.report(), r.simulated()
+    assert calls == [1]
+
+
 def test_uncertainties_follow_set_enabled(refined) -> None:
     """Fixing positions can only shrink the ADP s.u.'s (a conditional variance is at most the
     marginal one, and the GoF's degrees of freedom grow), and zeroes the position s.u.'s."""

@@ -67,8 +67,10 @@ def test_two_thousand_steps_in_the_background(refinement) -> None:
     assert refinement.step_count == 2000
     _check_steps_once(panel, refinement)
     growth = rss[-1] / rss[0] - 1.0
-    slowdown = np.mean(seconds[-2:]) / np.mean(seconds[1:3])
-    before, after = 1000 * np.mean(seconds[1:3]), 1000 * np.mean(seconds[-2:])
+    # The fastest of three runs early and late: a leak slows every late run, while another
+    # test process on the same cores (make test-slow runs two) slows some runs at random.
+    slowdown = np.min(seconds[-3:]) / np.min(seconds[1:4])
+    before, after = 1000 * np.min(seconds[1:4]), 1000 * np.min(seconds[-3:])
     print(f"RSS {rss[0]:.0f} -> {rss[-1]:.0f} MB ({100 * growth:+.1f} %); {before:.1f} -> "
           f"{after:.1f} ms a step")  # fmt: skip
     assert growth < 0.05, rss

@@ -76,6 +76,8 @@ class Prepared:
     problem: Problem
     #: The training loss at each start spread tried (σ/μ → loss; empty when none was tried).
     start_spread_losses: dict[float, float]
+    #: I_calc of every reflection at ``params`` when the spread choice computed it, else None.
+    start_i_calc: np.ndarray | None
 
 
 #: The profile network's start spreads σ/μ tried when ``thickness_spread`` is None.
@@ -302,41 +304,47 @@ def _prepare(
         restraints = parse_restraints(opts.restraints, crystal)
         problem = dataclasses.replace(problem, restraints=restraints)
     spread_losses: dict[float, float] = {}
+    start_i_calc = None
     if isinstance(model.thickness, ProfileNet) and model.thickness.spread:
         spreads = START_SPREADS if opts.thickness_spread is None else (opts.thickness_spread,)
         if opts.thickness_spread is None and search is None:
             spreads = (ProfileNet.initial_spread,)  # a given start (a checkpoint): no choice
-        params, spread_losses = start_spread(model, spreads, problem)
+        params, spread_losses, start_i_calc = start_spread(model, spreads, problem)
     bar.update()
     return Prepared(
         setup, mapping, plan, features, i_obs, sigma, validation, train_mask, validation_mask,
         search, initial, graphdef, params, base_rates, {g: g in opts.refine for g in GROUPS},
-        problem, spread_losses,
+        problem, spread_losses, start_i_calc,
     )  # fmt: skip
 
 
 def start_spread(
     model: HybridModel, spreads: tuple[float, ...], problem: Problem
-) -> tuple[Any, dict[float, float]]:
+) -> tuple[Any, dict[float, float], np.ndarray | None]:
     """Set the profile network's start spread σ/μ to the candidate with the lowest training loss
     (one forward pass each; a single candidate is set without one).
 
     Why a choice: at thick crystals (1300–2000 Å) a 5 % spread washes out the Pendellösung
     fringes that locate each frame's thickness, and the fit cannot sharpen them again (on clean
     synthetic quartz, started from the truth, it drifted 0.011 Å; from 1 %, 0.0016 Å), while
-    real crystals can hold a wider spread. Returns the parameters and each candidate's loss.
+    real crystals can hold a wider spread. Returns the parameters, each candidate's loss and
+    the chosen candidate's I_calc (n_refl,) (None without a choice).
     """
     thickness = model.thickness
     assert isinstance(thickness, ProfileNet)
     losses: dict[float, float] = {}
+    i_calcs: dict[float, np.ndarray] = {}
     for spread in spreads:
         thickness.set_relative_spread(spread)
         if len(spreads) > 1:
-            losses[float(spread)] = training_loss(nnx.state(model, nnx.Param), problem)
-    if losses:
-        best = min(losses, key=lambda s: losses[s] if math.isfinite(losses[s]) else math.inf)
-        thickness.set_relative_spread(best)
-    return nnx.state(model, nnx.Param), losses
+            losses[float(spread)], i_calcs[float(spread)] = loss_and_i_calc(
+                nnx.state(model, nnx.Param), problem
+            )
+    if not losses:
+        return nnx.state(model, nnx.Param), losses, None
+    best = min(losses, key=lambda s: losses[s] if math.isfinite(losses[s]) else math.inf)
+    thickness.set_relative_spread(best)
+    return nnx.state(model, nnx.Param), losses, i_calcs[best]
 
 
 def spread_messages(losses: dict[float, float]) -> list[str]:
@@ -348,11 +356,12 @@ def spread_messages(losses: dict[float, float]) -> list[str]:
     return [f"start thickness spread σ/μ = {100 * chosen:g} % (training loss {tried})"]
 
 
-def training_loss(params: Any, problem: Problem) -> float:
-    """The training loss of ``params`` (one streamed forward pass, no gradient)."""
-    train, _, _, _ = core.accumulate(problem, params, gradient=False)
+def loss_and_i_calc(params: Any, problem: Problem) -> tuple[float, np.ndarray]:
+    """The training loss of ``params`` and every reflection's I_calc, (n_refl,), from one
+    streamed forward pass (no gradient)."""
+    train, _, i_calc, _ = core.accumulate(problem, params, gradient=False)
     loss, _ = loss_from_sums(problem.objective, train, problem.train_denominator)
-    return float(loss)
+    return float(loss), np.asarray(i_calc)
 
 
 def _model(

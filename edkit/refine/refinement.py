@@ -128,6 +128,8 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
             if name != "params":
                 setattr(self, name, value)
         self._core_state = core.init(params, self.problem)
+        if prepared.start_i_calc is not None:
+            self.remember_i_calc(self.state, prepared.start_i_calc)
         self.step_count = 0
         self.seconds = 0.0
         self.best_state = params
@@ -235,6 +237,9 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
                 self.state,
                 self.step_count,
             )
+            # The step's I_calc is that of the state it started from: a run that ends on its
+            # best state reports it without another forward pass.
+            self.remember_i_calc(self.state, i_calc)
         self._core_state = new_state
         self.step_count += 1
         return record

@@ -40,7 +40,7 @@ from flax import nnx
 
 from edkit.models.thickness import ProfileNet, fit_to_thickness
 from edkit.refine import core
-from edkit.refine.prepare import START_SPREADS, spread_messages, start_spread, training_loss
+from edkit.refine.prepare import START_SPREADS, loss_and_i_calc, spread_messages, start_spread
 from edkit.simulate.frames import thickness_search
 
 if TYPE_CHECKING:
@@ -121,14 +121,19 @@ def search_again(
     model.orientation[...] = jnp.zeros_like(model.orientation[...])
     params = nnx.state(model, nnx.Param)
     losses: dict[float, float] = {}
+    i_calc = None
     if isinstance(model.thickness, ProfileNet) and model.thickness.spread:
         spreads = START_SPREADS if opts.thickness_spread is None else (opts.thickness_spread,)
-        params, losses = start_spread(model, spreads, refinement.problem)
-    loss = min(losses.values()) if losses else training_loss(params, refinement.problem)
+        params, losses, i_calc = start_spread(model, spreads, refinement.problem)
+    if i_calc is None:
+        loss, i_calc = loss_and_i_calc(params, refinement.problem)
+    else:
+        loss = min(losses.values())
     if not math.isfinite(loss):
         refinement.messages.append(f"{where}; a new start there has a non-finite loss: kept")
         return False
     refinement._core_state = core.init(params, refinement.problem)
+    refinement.remember_i_calc(refinement.state, i_calc)
     refinement.restart_step, refinement.restart_loss = refinement.step_count, loss
     refinement.thickness_search_result, refinement.initial_thickness = search, target
     median = float(np.median(np.abs(found[off] - refined[off]) / refined[off]))
