@@ -6,8 +6,11 @@ PY := $(VENV)/bin/python
 # cross-check) only for the test targets.
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-# pytest processes for test and test-slow (pytest-xdist, whole files per process so that a
-# module's fixtures are built once): 2 took the default suite from 578 s to 420 s on 2 cores.
+# pytest processes for `make test` (pytest-xdist, whole files per process so that a module's
+# fixtures are built once): its tests are mostly compilation, one thread each, and 2 took the
+# suite from 578 s to 420 s on 2 cores. test-slow stays in one process: its long tests compute
+# on both cores, and two processes made them slower (47 tests in 32 min; the paper benchmark
+# alone 1293 s against 578 s).
 TEST_WORKERS ?= 2
 
 .PHONY: demo test test-slow test-benchmarks test-notebooks test-binder test-browser docs binder-badge lint bench clean
@@ -38,7 +41,7 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(TEST_STAMP)
-	$(PY) -m pytest -q -m slow --durations=10 -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -m slow --durations=10
 
 # Long reproductions kept out of CI's time budget (the paper benchmark through the compat
 # transform: about 8 minutes on 2 cores).

@@ -35,7 +35,7 @@ from edkit import EdkitError, Refinement, read_cif, read_pets, refine_in_cycles
 from edkit.io.pets import select_frames
 from edkit.models.thickness import fit_to_thickness
 from edkit.refine import checkpoint as checkpoints
-from edkit.refine import core, cycles, research
+from edkit.refine import core, cycles, prepare, research
 from edkit.refine.convergence import Convergence
 from edkit.simulate.synthetic import make_dataset, rotation_series
 
@@ -917,6 +917,32 @@ def test_start_spread_is_the_better_fitting_of_two(template, start, dataset) -> 
     assert given.start_spread_losses == {}
     relative = given.thickness["spread"].values / given.thickness.values
     np.testing.assert_allclose(relative, 0.03, rtol=0.02)
+
+
+def test_start_spreads_of_a_streamed_problem_share_one_solve(start, dataset) -> None:
+    """A streamed problem (chunks of 2 frames) scores both start spreads from one solve of each
+    orientation (``core.candidate_losses``): the same losses and I_calc as one forward pass
+    per spread, and the chosen one's I_calc is the start's."""
+    streamed = Refinement(
+        start, dataset, g_max=G_MAX, n_sub=N_SUB, thickness_grid=GRID, chunk_frames=2
+    )
+    assert not streamed.problem.fused and len(streamed.problem.chunks) == 2
+    model = nnx.clone(streamed.model)  # the refinement's own state must not change
+    i_calcs = {}
+    for spread, loss in streamed.start_spread_losses.items():
+        model.thickness.set_relative_spread(spread)
+        alone, i_calcs[spread] = prepare.loss_and_i_calc(
+            nnx.state(model, nnx.Param), streamed.problem
+        )
+        np.testing.assert_allclose(loss, alone, rtol=1e-12)
+    chosen = min(streamed.start_spread_losses, key=streamed.start_spread_losses.get)
+    kept = streamed.predict()
+    np.testing.assert_allclose(kept, i_calcs[chosen], rtol=1e-12)
+    np.testing.assert_allclose(kept, core.predict(streamed.state, streamed.problem), rtol=1e-12)
+    with pytest.raises(ValueError, match="beyond the thickness model"):
+        moved = nnx.clone(streamed.model)
+        moved.orientation[...] = moved.orientation[...] + 1e-3
+        core.candidate_losses(streamed.problem, [streamed.state, nnx.state(moved, nnx.Param)])
 
 
 def test_no_search_after_a_restart_that_found_nothing_better(template) -> None:

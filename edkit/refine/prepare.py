@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import xarray as xr
@@ -322,7 +323,9 @@ def start_spread(
     model: HybridModel, spreads: tuple[float, ...], problem: Problem
 ) -> tuple[Any, dict[float, float], np.ndarray | None]:
     """Set the profile network's start spread σ/μ to the candidate with the lowest training loss
-    (one forward pass each; a single candidate is set without one).
+    (a small, fused problem: one forward pass each; a streamed one: one pass for all, each
+    orientation solved once at every candidate's thickness nodes, :func:`core.candidate_losses`;
+    a single candidate is set without one).
 
     Why a choice: at thick crystals (1300–2000 Å) a 5 % spread washes out the Pendellösung
     fringes that locate each frame's thickness, and the fit cannot sharpen them again (on clean
@@ -332,19 +335,23 @@ def start_spread(
     """
     thickness = model.thickness
     assert isinstance(thickness, ProfileNet)
-    losses: dict[float, float] = {}
-    i_calcs: dict[float, np.ndarray] = {}
+    candidates = []
     for spread in spreads:
         thickness.set_relative_spread(spread)
-        if len(spreads) > 1:
-            losses[float(spread)], i_calcs[float(spread)] = loss_and_i_calc(
-                nnx.state(model, nnx.Param), problem
-            )
-    if not losses:
-        return nnx.state(model, nnx.Param), losses, None
-    best = min(losses, key=lambda s: losses[s] if math.isfinite(losses[s]) else math.inf)
-    thickness.set_relative_spread(best)
-    return nnx.state(model, nnx.Param), losses, i_calcs[best]
+        candidates.append(jax.tree.map(lambda x: x, nnx.state(model, nnx.Param)))  # a snapshot
+    if len(spreads) == 1:
+        return candidates[0], {}, None
+    values: Any
+    i_calcs: Any
+    if problem.fused:  # a small problem: one compiled program a pass
+        passes = [loss_and_i_calc(params, problem) for params in candidates]
+        values, i_calcs = [v for v, _ in passes], [i for _, i in passes]
+    else:  # streamed: each orientation solved once for every candidate's thickness nodes
+        values, i_calcs = core.candidate_losses(problem, candidates)
+    losses = {float(s): float(v) for s, v in zip(spreads, values, strict=True)}
+    best = int(np.argmin([v if math.isfinite(v) else math.inf for v in losses.values()]))
+    thickness.set_relative_spread(spreads[best])
+    return nnx.state(model, nnx.Param), losses, np.asarray(i_calcs[best])
 
 
 def spread_messages(losses: dict[float, float]) -> list[str]:
