@@ -10,7 +10,8 @@ TEST_STAMP := $(VENV)/.installed-test
 # fixtures are built once): its tests are mostly compilation, one thread each, and 2 took the
 # suite from 578 s to 420 s on 2 cores. test-slow stays in one process: its long tests compute
 # on both cores, and two processes made them slower (47 tests in 32 min; the paper benchmark
-# alone 1293 s against 578 s).
+# alone 1293 s against 578 s). test-notebooks uses TEST_WORKERS too (8 notebooks: 340 s in
+# two processes, 433 s in one).
 TEST_WORKERS ?= 2
 
 .PHONY: demo test test-slow test-benchmarks test-notebooks test-binder test-browser docs binder-badge lint bench clean
@@ -51,7 +52,7 @@ test-benchmarks: $(TEST_STAMP)
 # Execute every notebook in notebooks/ (fails on the first cell that raises). NB_FLAGS=--overwrite
 # keeps the outputs in the notebooks (CI does, before make docs; locally it changes tracked files).
 test-notebooks: $(TEST_STAMP)
-	$(PY) -m pytest -q --nbmake --nbmake-timeout=$(NB_CELL_TIMEOUT) $(NB_FLAGS) notebooks
+	$(PY) -m pytest -q --nbmake --nbmake-timeout=$(NB_CELL_TIMEOUT) -n $(TEST_WORKERS) --dist loadfile $(NB_FLAGS) notebooks
 
 # The documentation site into build/site, warnings as errors, then a check that the API
 # reference lists every public name (scripts/check_docs.py).
