@@ -34,8 +34,8 @@ from flax import nnx
 from edkit import EdkitError, Refinement, read_cif, read_pets, refine_in_cycles
 from edkit.io.pets import select_frames
 from edkit.models.thickness import fit_to_thickness
+from edkit.refine import candidates, core, cycles, prepare, research
 from edkit.refine import checkpoint as checkpoints
-from edkit.refine import core, cycles, prepare, research
 from edkit.refine.convergence import Convergence
 from edkit.simulate.synthetic import make_dataset, rotation_series
 
@@ -921,7 +921,7 @@ def test_start_spread_is_the_better_fitting_of_two(template, start, dataset) -> 
 
 def test_start_spreads_of_a_streamed_problem_share_one_solve(start, dataset) -> None:
     """A streamed problem (chunks of 2 frames) scores both start spreads from one solve of each
-    orientation (``core.candidate_losses``): the same losses and I_calc as one forward pass
+    orientation (``candidates.candidate_losses``): the same losses and I_calc as one forward pass
     per spread, and the chosen one's I_calc is the start's."""
     streamed = Refinement(
         start, dataset, g_max=G_MAX, n_sub=N_SUB, thickness_grid=GRID, chunk_frames=2
@@ -942,7 +942,7 @@ def test_start_spreads_of_a_streamed_problem_share_one_solve(start, dataset) -> 
     with pytest.raises(ValueError, match="beyond the thickness model"):
         moved = nnx.clone(streamed.model)
         moved.orientation[...] = moved.orientation[...] + 1e-3
-        core.candidate_losses(streamed.problem, [streamed.state, nnx.state(moved, nnx.Param)])
+        candidates.candidate_losses(streamed.problem, [streamed.state, nnx.state(moved, nnx.Param)])
 
 
 def test_no_search_after_a_restart_that_found_nothing_better(template) -> None:

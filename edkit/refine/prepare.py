@@ -36,6 +36,7 @@ from edkit.physics.rocking import LAB_BEAM
 from edkit.physics.structure import structure_tables
 from edkit.progress import progress_bar
 from edkit.refine import core
+from edkit.refine.candidates import candidate_losses
 from edkit.refine.objective import loss_from_sums
 from edkit.refine.options import DEFAULT_LEARNING_RATES, GROUPS, RefinementOptions
 from edkit.refine.planner import MemoryPlan, plan_memory
@@ -324,8 +325,8 @@ def start_spread(
 ) -> tuple[Any, dict[float, float], np.ndarray | None]:
     """Set the profile network's start spread σ/μ to the candidate with the lowest training loss
     (a small, fused problem: one forward pass each; a streamed one: one pass for all, each
-    orientation solved once at every candidate's thickness nodes, :func:`core.candidate_losses`;
-    a single candidate is set without one).
+    orientation solved once at every candidate's thickness nodes,
+    :func:`~edkit.refine.candidates.candidate_losses`; a single candidate is set without one).
 
     Why a choice: at thick crystals (1300–2000 Å) a 5 % spread washes out the Pendellösung
     fringes that locate each frame's thickness, and the fit cannot sharpen them again (on clean
@@ -347,7 +348,7 @@ def start_spread(
         passes = [loss_and_i_calc(params, problem) for params in candidates]
         values, i_calcs = [v for v, _ in passes], [i for _, i in passes]
     else:  # streamed: each orientation solved once for every candidate's thickness nodes
-        values, i_calcs = core.candidate_losses(problem, candidates)
+        values, i_calcs = candidate_losses(problem, candidates)
     losses = {float(s): float(v) for s, v in zip(spreads, values, strict=True)}
     best = int(np.argmin([v if math.isfinite(v) else math.inf for v in losses.values()]))
     thickness.set_relative_spread(spreads[best])
