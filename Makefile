@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 # pytest processes for `make test` (pytest-xdist, whole files per process so that a module's
 # fixtures are built once): its tests are mostly compilation, one thread each, and 2 took the
-# suite from 578 s to 420 s on 2 cores. test-slow stays in one process: its long tests compute
+# suite to 420 s on 2 cores (578–604 s in one process earlier the same day). test-slow stays in one process: its long tests compute
 # on both cores, and two processes made them slower (47 tests in 32 min; the paper benchmark
 # alone 1293 s against 578 s). test-notebooks uses TEST_WORKERS too (8 notebooks: 340 s in
 # two processes, 433 s in one).
