@@ -8,10 +8,12 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 # pytest processes for `make test` (pytest-xdist, whole files per process so that a module's
 # fixtures are built once): its tests are mostly compilation, one thread each, and 2 took the
-# suite to 420 s on 2 cores (578–604 s in one process earlier the same day). test-slow stays in one process: its long tests compute
-# on both cores, and two processes made them slower (47 tests in 32 min; the paper benchmark
-# alone 1293 s against 578 s). test-notebooks uses TEST_WORKERS too (8 notebooks: 340 s in
-# two processes, 433 s in one).
+# suite to 420 s on 2 cores (578–604 s in one process earlier the same day). test-slow runs in
+# TEST_WORKERS processes too, each pinned to its own core(s) (EDKIT_TEST_PIN=1, conftest.py):
+# its long tests compute, and unpinned processes' threads fought over the cores (32 min against
+# 26 min in one process); pinned: 47 passed in 18 min 19 s (2026-12-05). test-notebooks too
+# (8 notebooks: 311 s in two pinned processes, 340 s unpinned, 433 s in one). The default suite
+# is not pinned: it gained nothing (483 s against 441 s).
 TEST_WORKERS ?= 2
 
 .PHONY: demo test test-slow test-benchmarks test-notebooks test-binder test-browser docs binder-badge lint bench clean
@@ -42,7 +44,7 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(TEST_STAMP)
-	$(PY) -m pytest -q -m slow --durations=10
+	EDKIT_TEST_PIN=1 $(PY) -m pytest -q -m slow --durations=10 -n $(TEST_WORKERS) --dist loadfile
 
 # Long reproductions kept out of CI's time budget (the paper benchmark through the compat
 # transform: about 8 minutes on 2 cores).
@@ -52,7 +54,7 @@ test-benchmarks: $(TEST_STAMP)
 # Execute every notebook in notebooks/ (fails on the first cell that raises). NB_FLAGS=--overwrite
 # keeps the outputs in the notebooks (CI does, before make docs; locally it changes tracked files).
 test-notebooks: $(TEST_STAMP)
-	$(PY) -m pytest -q --nbmake --nbmake-timeout=$(NB_CELL_TIMEOUT) -n $(TEST_WORKERS) --dist loadfile $(NB_FLAGS) notebooks
+	EDKIT_TEST_PIN=1 $(PY) -m pytest -q --nbmake --nbmake-timeout=$(NB_CELL_TIMEOUT) -n $(TEST_WORKERS) --dist loadfile $(NB_FLAGS) notebooks
 
 # The documentation site into build/site, warnings as errors, then a check that the API
 # reference lists every public name (scripts/check_docs.py).
