@@ -51,18 +51,22 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     )
     run["checkpoint_every"] = every
     left = schedule.steps_left(position)
-    lm_left = sum(s.kind == "lm" for s in schedule.stages()[position.stage :])
-    if left:
+    stages_left = schedule.stages()[position.stage :]
+    lm_left = sum(s.kind == "lm" for s in stages_left)
+    searches = sum(s.kind == "search" for s in stages_left)
+    if left or lm_left:
         from edkit.refine.estimate import estimate_time
 
-        estimated = estimate_time(refinement.setup, refinement.memory_plan.devices)
-        print(estimated.describe(left), flush=True)
+        estimated = estimate_time(
+            refinement.setup, refinement.memory_plan.devices, refinement.n_parameters
+        )
+        lm_iterations = sum(s.size for s in stages_left if s.kind == "lm")
+        print(estimated.describe(left, searches, lm_iterations), flush=True)
     estimate = "; a measured time estimate follows the first step" if left else ""
     converging = schedule.until_converged and all(
         s.kind != "lm" for s in schedule.stages()[: position.stage + 1]
     )
     steps = f"up to {left} Adam step(s) (until converged)" if converging else f"{left} Adam step(s)"
-    searches = sum(s.kind == "search" for s in schedule.stages()[position.stage :])
     if searches:
         steps += f", up to {searches} thickness search(es) from the refined structure"
     print(

@@ -169,10 +169,14 @@ def validate(args: argparse.Namespace) -> str:
         dataset = select_frames(dataset, slice(0, None, args.every))
     setup, mapping, plan = plan_setup(crystal, dataset, options)
     beams = setup.n_beams
+    n_free = int(mapping.position_mask.sum() + mapping.adp_mask.sum())
+    searches = args.searches if args.searches is not None else (0 if args.steps else 3)
+    steps = (args.steps or args.max_steps) * (1 + searches)  # as the schedule counts them
+    lm_iterations = args.lm_rounds * args.lm_iterations
+    estimate = estimate_time(setup, plan.devices, n_free).describe(steps, searches, lm_iterations)
     lines = [
         f"{args.structure}: {crystal.space_group}, {len(crystal.labels)} atoms in the "
-        f"asymmetric unit, {int(mapping.position_mask.sum() + mapping.adp_mask.sum())} "
-        "least-squares parameters",
+        f"asymmetric unit, {n_free} least-squares parameters",
         f"{args.data}: {len(dataset.frame)} frames, {dataset.sizes['refl']} reflections, "
         f"{int(setup.scored.sum())} scored; cell matches within 1 %",
         f"{setup.settings['n_sub']} sub-orientations per frame; beams per frame "
@@ -189,7 +193,7 @@ def validate(args: argparse.Namespace) -> str:
             else ""
         ),
         plan.describe(),
-        estimate_time(setup, plan.devices).describe(args.steps or args.max_steps),
+        estimate,
         "valid: edkit refine with the same flags would start",
     ]
     return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""The time estimate ``edkit validate`` and ``edkit refine`` print before solving."""
+
+import pytest
+
+import edkit
+from edkit.io.pets import select_frames
+from edkit.refine.estimate import TimeEstimate, estimate_time
+from edkit.refine.options import options_from
+from edkit.refine.prepare import plan_setup
+
+
+def test_the_total_counts_steps_searches_least_squares_and_the_sus() -> None:
+    # CsPbBr₃-sized figures (README, Large crystals): 400 s a step, 40 min a normal matrix;
+    # an LM iteration is a normal matrix and a forward pass (the eigendecompositions' 150 s).
+    large = TimeEstimate(3600, 150.0, 400.0, 200.0, normal_seconds=2400.0, n_free=27)
+    assert large.total(80, 3, 10) == pytest.approx(80 * 400 + 3 * 200 + 10 * 2550 + 2400)
+    text = large.describe(80, 3, 10)
+    assert "a least-squares iteration (27 parameters) ≈ 42.5 min" in text
+    assert "80 steps, 3 searches, 10 least-squares iterations, the s.u.'s ≈ 16.8 h" in text
+    assert "--every N" in text and "--segments" in text and "a GPU" in text
+    quartz = TimeEstimate(4554, 0.4, 1.0, 0.5, normal_seconds=2.0, n_free=15)
+    assert quartz.total(10, 0, 4) == pytest.approx(10 * 1.0 + 4 * 2.4 + 2.0)
+    assert "--segments" not in quartz.describe(10, 0, 4)
+    bare = TimeEstimate(4554, 0.4, 1.0, 0.5)  # no parameters given: no least-squares figure
+    assert "least-squares" not in bare.describe(10, 0, 4) and bare.total(10, 0, 4) == 10.0
+
+
+def test_a_least_squares_iteration_costs_more_than_its_solves(data_dir) -> None:
+    crystal = edkit.read_cif(data_dir / "structures" / "quartz_kinematical.cif")
+    dataset = edkit.read_pets(data_dir / "pets" / "quartz_experimental.cif_pets")
+    setup, mapping, plan = plan_setup(
+        crystal, select_frames(dataset, slice(0, None, 20)), options_from()
+    )
+    n_free = int(mapping.position_mask.sum() + mapping.adp_mask.sum())
+    estimate = estimate_time(setup, plan.devices, n_free)
+    assert estimate.n_free == n_free > 0 and estimate.solves == setup.angles.size
+    # one eigendecomposition and 2 n_free products per solve, the same timed eigh as the epoch
+    assert estimate.normal_seconds > estimate.eigh_seconds > 0
+    assert estimate_time(setup, plan.devices).normal_seconds == 0.0
