@@ -110,7 +110,7 @@ def test_validate_reports_beams_memory_and_time_without_refining(files, tmp_path
     assert "10 frames" in stdout and "scored" in stdout
     assert "beams per frame" in stdout and "memory plan" in stdout.lower()
     assert "an Adam step ≈" in stdout and stdout.rstrip().endswith("would start")
-    assert "a least-squares iteration (" in stdout and "iterations, the s.u.'s ≈" in stdout
+    assert "a least-squares iteration (" in stdout and "iteration(s), the s.u.'s ≈" in stdout
     assert not (tmp_path / "out").exists()  # nothing written
     code, _, stderr = _run([*argv[:3], "--data", str(tmp_path / "missing.cif_pets")])
     assert code == 2 and "missing.cif_pets: no such file" in stderr

@@ -216,6 +216,10 @@ def resumed(data_dir, wrapper, env, tmp_path_factory, reference) -> dict:
 def test_reference_run_reports_plan_estimate_and_progress(reference) -> None:
     stdout, stderr = reference.stdout, reference.stderr
     assert "memory plan: " in stdout
+    # the plan and the estimate come before the thickness search (the start's R follows it)
+    assert stdout.index("memory plan: ") < stdout.index("start: mean per-frame R_obs")
+    assert stdout.index("time estimate") < stdout.index("start: mean per-frame R_obs")
+    assert "10 Adam step(s), 1 least-squares iteration(s), the s.u.'s ≈" in stdout
     assert "plan: 10 Adam step(s) and 1 Levenberg–Marquardt round(s)" in stdout
     assert re.search(
         r"step 1 took .*the 9 Adam step\(s\) left take (at most )?about .*upper bound", stdout

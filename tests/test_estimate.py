@@ -16,7 +16,8 @@ def test_the_total_counts_steps_searches_least_squares_and_the_sus() -> None:
     assert large.total(80, 3, 10) == pytest.approx(80 * 400 + 3 * 200 + 10 * 2550 + 2400)
     text = large.describe(80, 3, 10)
     assert "a least-squares iteration (27 parameters) ≈ 42.5 min" in text
-    assert "80 steps, 3 searches, 10 least-squares iterations, the s.u.'s ≈ 16.8 h" in text
+    planned = "80 Adam step(s), 3 thickness search(es), 10 least-squares iteration(s), the s.u.'s"
+    assert f"{planned} ≈ 16.8 h" in text
     assert "--every N" in text and "--segments" in text and "a GPU" in text
     quartz = TimeEstimate(4554, 0.4, 1.0, 0.5, normal_seconds=2.0, n_free=15)
     assert quartz.total(10, 0, 4) == pytest.approx(10 * 1.0 + 4 * 2.4 + 2.0)

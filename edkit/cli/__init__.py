@@ -16,8 +16,9 @@ from typing import Any
 
 from edkit import cores
 from edkit.cli.config import apply_config, template, validate
-from edkit.cli.flags import DEFAULT_OUT, OPTION_FIELDS, add_refine_options, options_of
+from edkit.cli.flags import DEFAULT_OUT, OPTION_FIELDS, add_refine_options
 from edkit.cli.outputs import difference_map_summary
+from edkit.cli.start import print_plan, resume_run, start_run
 from edkit.errors import EdkitError
 from edkit.examples import example_file
 from edkit.io.atomic import write_atomically
@@ -28,7 +29,6 @@ from edkit.refine.schedule import (
     Checkpointer,
     DeferredInterrupt,
     StepTimeEstimate,
-    from_run,
     run_schedule,
 )
 from edkit.version import __version__
@@ -42,10 +42,12 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     refinement.nc and the figures into the output folder. Returns the report and that folder."""
     started = time.perf_counter()
     if args.resume is None:
-        refinement, run, schedule, position, out = _start(args)
+        refinement, run, schedule, position, out = start_run(args)
     else:
-        refinement, run, schedule, position, out = _resume(args)
-    print(refinement.memory_plan.describe(), flush=True)
+        refinement, run, schedule, position, out = resume_run(args)
+        print_plan(
+            refinement.setup, refinement.memory_plan, refinement.n_parameters, schedule, position
+        )
     every = (
         args.checkpoint_every if args.checkpoint_every is not None else run.get("checkpoint_every")
     )
@@ -54,14 +56,6 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     stages_left = schedule.stages()[position.stage :]
     lm_left = sum(s.kind == "lm" for s in stages_left)
     searches = sum(s.kind == "search" for s in stages_left)
-    if left or lm_left:
-        from edkit.refine.estimate import estimate_time
-
-        estimated = estimate_time(
-            refinement.setup, refinement.memory_plan.devices, refinement.n_parameters
-        )
-        lm_iterations = sum(s.size for s in stages_left if s.kind == "lm")
-        print(estimated.describe(left, searches, lm_iterations), flush=True)
     estimate = "; a measured time estimate follows the first step" if left else ""
     converging = schedule.until_converged and all(
         s.kind != "lm" for s in schedule.stages()[: position.stage + 1]
@@ -131,86 +125,6 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
         f"{Path(str(run.get('data'))).name}",
     )  # fmt: skip
     return report, out
-
-
-def _start(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
-    """A new refinement from the flags: the refinement, run.json's fields, schedule, position
-    and output folder."""
-    from edkit.io.cif import read_cif
-    from edkit.io.pets import read_pets, select_frames
-    from edkit.refine.refinement import Refinement
-    from edkit.refine.schedule import Position, Schedule
-
-    options = options_of(args)  # checked before any file is read
-    for flag, path in (("--structure", args.structure), ("--data", args.data)):
-        if not Path(path).is_file():
-            raise EdkitError(f"{flag} {path}: no such file")
-    out = Path(args.out or DEFAULT_OUT)
-    out.mkdir(parents=True, exist_ok=True)
-    crystal = read_cif(args.structure)
-    dataset = read_pets(args.data)
-    if args.every > 1:
-        dataset = select_frames(dataset, slice(0, None, args.every))
-    refinement = Refinement(crystal, dataset, progress=False if args.quiet else None, **options)
-    print(
-        f"{len(dataset.frame)} frames, {int(refinement.setup.scored.sum())} scored reflections, "
-        f"{refinement.setup.settings['n_sub']} sub-orientations per frame, beams per frame "
-        f"{int(refinement.setup.n_beams.min())}–{int(refinement.setup.n_beams.max())}",
-        flush=True,
-    )
-    start_report = refinement.report()
-    print(
-        f"start: mean per-frame R_obs {start_report['r_obs_mean_frame']:.4f}, "
-        f"Jana R_obs {start_report['r_obs']:.4f} (thickness from the grid search)",
-        flush=True,
-    )
-    # The checkpoint holds the start and the (selected) data themselves; the paths are for the
-    # report and for the reader.
-    run = {
-        "command": args.command,
-        "structure": str(args.structure),
-        "data": str(args.data),
-        "every": args.every,
-        "checkpoint_every": args.checkpoint_every,
-        "absolute_structure": bool(args.absolute_structure),
-    }
-    until_converged = args.steps is None
-    searches = args.searches if args.searches is not None else (3 if until_converged else 0)
-    schedule = Schedule(
-        args.max_steps if until_converged else args.steps, args.lm_rounds, args.lm_iterations,
-        args.polish_steps, until_converged, searches,
-    )  # fmt: skip
-    return refinement, run, schedule, Position(), out
-
-
-def _resume(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
-    """The refinement, run.json, schedule and position of the checkpoint ``--resume`` names,
-    and the output folder (``--out``, else the folder resumed from)."""
-    from edkit.refine.refinement import Refinement
-
-    folder = args.resume_folder
-    run = checkpoint.read_run(folder)
-    schedule, position = from_run(run, folder / checkpoint.RUN_FILE)
-    try:
-        refinement = Refinement.load(folder)
-    except EdkitError as error:
-        older = [p for p in checkpoint.series(folder.parent.parent) if p != folder]
-        hint = f"; the previous checkpoint may be intact: --resume {older[-1]}" if older else ""
-        raise EdkitError(f"{error}{hint}") from None
-    refinement.progress = False if args.quiet else None  # least squares' bars
-    if args.out:
-        out = Path(args.out)
-    elif folder.parent.name == checkpoint.SERIES:
-        out = folder.parent.parent
-    else:
-        out = folder
-    out.mkdir(parents=True, exist_ok=True)
-    print(
-        f"resumed from {folder}: step {refinement.step_count}, {len(refinement.dataset.frame)} "
-        f"frames, {run.get('structure')} against {run.get('data')}",
-        flush=True,
-    )
-    return refinement, run, schedule, position, out
 
 
 def _compare_hands(refinement: Any, args: argparse.Namespace, run: dict) -> Any:

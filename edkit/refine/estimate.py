@@ -68,8 +68,8 @@ class TimeEstimate:
         searches, ``lm_iterations`` least-squares iterations) its total, and when that is over
         an hour the ways to a quicker first look."""
         text = (
-            f"time estimate (±2×, from timed eigendecompositions and products): {self.solves} solves, "
-            f"an Adam step ≈ {format_duration(self.epoch_seconds)}, a thickness search ≈ "
+            f"time estimate (±2×, from timed eigendecompositions and products): {self.solves} "
+            f"solves, an Adam step ≈ {format_duration(self.epoch_seconds)}, a thickness search ≈ "
             f"{format_duration(self.search_seconds)}"
         )
         if self.n_free:
@@ -81,9 +81,9 @@ class TimeEstimate:
         if steps or self.n_free:
             total = self.total(steps or 0, searches, lm_iterations)
             parts = {
-                f"{steps} steps": steps,
-                f"{searches} searches": searches,
-                f"{lm_iterations} least-squares iterations": lm_iterations,
+                f"{steps} Adam step(s)": steps,
+                f"{searches} thickness search(es)": searches,
+                f"{lm_iterations} least-squares iteration(s)": lm_iterations,
                 "the s.u.'s": self.n_free,
             }
             planned = ", ".join(name for name, count in parts.items() if count)
