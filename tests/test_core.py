@@ -15,7 +15,7 @@ from conftest import twenty_steps_trace_once
 from flax import nnx
 
 from edkit import EdkitError, Refinement, metrics, read_cif, read_pets
-from edkit.refine import core, lm
+from edkit.refine import core, lm, planner
 from edkit.refine.planner import plan_memory
 from edkit.simulate import frames as frames_module
 from edkit.simulate.stack import frame_intensity_stack
@@ -185,3 +185,19 @@ def test_planner_chooses_smaller_chunks_for_a_smaller_budget(one_frame_chunks) -
     assert tight.chunk_frames == 1
     assert tight.peak_bytes <= tight.budget_bytes
     assert "frame(s) per chunk" in tight.describe()
+
+
+def test_auto_precision_is_single_for_large_solves_only(one_frame_chunks, monkeypatch) -> None:
+    setup = one_frame_chunks.setup
+    assert one_frame_chunks.options.precision == "auto"  # the default
+    double = plan_memory(setup, memory_limit=20e9, precision="auto")
+    n = double.largest[0]
+    assert n < planner.AUTO_SINGLE_BEAMS and double.precision == "double"
+    assert one_frame_chunks.memory_plan.precision == "double"
+    assert one_frame_chunks.problem.config.solve_dtype is None  # complex128
+    assert plan_memory(setup, memory_limit=20e9, precision="single").precision == "single"
+    monkeypatch.setattr(planner, "AUTO_SINGLE_BEAMS", n)  # as if this were a large crystal
+    single = plan_memory(setup, memory_limit=20e9, precision="auto")
+    assert single.precision == "single" and "complex64 solves" in single.describe()
+    assert single.frame_bytes < double.frame_bytes
+    assert "complex64" not in double.describe()

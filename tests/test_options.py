@@ -21,6 +21,7 @@ from edkit.refine.options import (
     options_json,
     parse_memory,
 )
+from edkit.refine.planner import AUTO_SINGLE_BEAMS
 from edkit.simulate import frames, pattern
 
 CLI_FIELDS = [f for f in dataclasses.fields(RefinementOptions) if f.metadata["cli"]]
@@ -29,7 +30,9 @@ CLI_FIELDS = [f for f in dataclasses.fields(RefinementOptions) if f.metadata["cl
 def test_literals_are_the_one_list_of_choices() -> None:
     assert GROUPS == ("positions", "adp", "occupancy", "orientation", "absorption", "thickness")
     assert THICKNESS_KINDS == typing.get_args(opts.ThicknessKind)
-    assert opts.CHOICES["precision"] == ("double", "single")
+    assert opts.CHOICES["precision"] == ("auto", "double", "single")
+    precision = next(f for f in dataclasses.fields(opts.RefinementOptions) if f.name == "precision")
+    assert f"{AUTO_SINGLE_BEAMS} beams" in precision.metadata["help"]
     assert opts.CHOICES["objective"] == ("jana", "wr2")
 
 

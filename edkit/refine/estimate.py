@@ -92,8 +92,7 @@ class TimeEstimate:
                 text += (
                     ".\nThat is long on this machine. For a first look: --every N (every N-th "
                     "frame), --segments 6 (4–7× cheaper steps, about 3× the intensity error), "
-                    "--precision single (about 1.5× cheaper solves), fewer --lm-iterations; "
-                    "or a GPU"
+                    "fewer --lm-iterations; or a GPU"
                 )
         return text
 
@@ -124,26 +123,34 @@ def _best_seconds(function, n: int, repeats: int) -> float:
     return best
 
 
-def _kernel_seconds(n: int, real: bool, repeats: int = 3, devices: int = 1) -> tuple[float, float]:
+def _kernel_seconds(
+    n: int, real: bool, single: bool = False, repeats: int = 3, devices: int = 1
+) -> tuple[float, float]:
     """Best of ``repeats`` timed ``eigh`` and matrix product of a random n × n symmetric/Hermitian
-    matrix, s; with several devices single-threaded (as each device runs its own solves,
-    edkit.cores) and divided by their number."""
+    matrix (float32/complex64 if ``single``), s; with several devices single-threaded (as each
+    device runs its own solves, edkit.cores) and divided by their number."""
     if devices > 1:
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=1, user_api="blas"):
-            eigh, product = _kernel_seconds(n, real, repeats)
+            eigh, product = _kernel_seconds(n, real, single, repeats)
         return eigh / devices, product / devices
     a = _random_matrix(n, real)
+    if single:
+        a = a.astype(np.float32 if real else np.complex64)
     eigh = _best_seconds(lambda: np.linalg.eigh(a), n, repeats)
     product = _best_seconds(lambda: a @ a, n, repeats)
     return eigh, product
 
 
-def estimate_time(setup: FrameSetup, devices: int = 1, n_free: int = 0) -> TimeEstimate:
+def estimate_time(
+    setup: FrameSetup, devices: int = 1, n_free: int = 0, precision: str = "double"
+) -> TimeEstimate:
     """Estimate an epoch, a thickness search and (with ``n_free`` least-squares parameters) a
     least-squares iteration of ``setup`` (a fraction of a second to time), with the frames
-    sharded over ``devices`` devices (a refinement's ``memory_plan.devices``).
+    sharded over ``devices`` devices and the solves in ``precision`` (a refinement's
+    ``memory_plan.devices`` and ``memory_plan.precision``; the search as timed in double, whose
+    solves are single but whose Bethe set-up is not in the timed kernels).
 
     The solve size is each bucket's padded beam count, or with segments each bucket's padded
     run size (:class:`~edkit.simulate.segments.SegmentTables`); the search solves the frames'
@@ -152,19 +159,20 @@ def estimate_time(setup: FrameSetup, devices: int = 1, n_free: int = 0) -> TimeE
     real = bool(setup.settings.get("centric", False))
     n_sub = int(setup.angles.shape[1])
     runs = setup.segments
-    timed: dict[int, tuple[float, float]] = {}
+    timed: dict[tuple[int, bool], tuple[float, float]] = {}
 
-    def kernels(n: int) -> tuple[float, float]:
-        if n not in timed:
-            timed[n] = _kernel_seconds(n, real, devices=devices)
-        return timed[n]
+    def kernels(n: int, single: bool = False) -> tuple[float, float]:
+        if (n, single) not in timed:
+            timed[n, single] = _kernel_seconds(n, real, single, devices=devices)
+        return timed[n, single]
 
     epoch = search = normal = 0.0
     solves = 0
     for position, (frames, size, _) in enumerate(bucket_layout(setup)):
         count = len(frames) * n_sub
         search += count * kernels(size)[0]
-        eigh, product = kernels(size if runs is None else int(runs.sizes[position]))
+        solve = size if runs is None else int(runs.sizes[position])
+        eigh, product = kernels(solve, precision == "single")
         epoch += count * eigh
         normal += count * (eigh + n_free * TANGENT_FACTOR * 2.0 * product)
         solves += count

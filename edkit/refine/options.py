@@ -25,7 +25,7 @@ GROUPS: tuple[str, ...] = typing.get_args(ParameterGroup)
 ThicknessKind = Literal["constant", "per-frame", "platelet", "wedge", "profile-net", "map-net"]
 THICKNESS_KINDS: tuple[str, ...] = typing.get_args(ThicknessKind)
 Objective = Literal["jana", "wr2"]
-Precision = Literal["double", "single"]
+Precision = Literal["auto", "double", "single"]
 #: Gradient memory: False keeps every intermediate, "eigensystems" only the eigendecompositions,
 #: True recomputes each frame in the backward pass, None lets the memory planner choose.
 Remat = bool | Literal["eigensystems"] | None
@@ -135,8 +135,10 @@ class RefinementOptions:
         cli=None, help="riding constraints (hydrogen atoms on their parents)"))
     divergence_factor: float = field(default=3.0, metadata=_meta(
         cli=None, units="1", help="a loss this many times the best one counts as divergence"))
-    precision: Precision = field(default="double", metadata=_meta(
-        cli="--precision", help="complex128 (double) or complex64 (single) Bloch solves"))
+    precision: Precision = field(default="auto", metadata=_meta(
+        cli="--precision", help="complex128 (double) or complex64 (single) Bloch solves; auto: "
+        "single where the largest solve has 400 beams or more (float32 holds the intensities "
+        "there, 1.5x faster; edkit.refine.planner.AUTO_SINGLE_BEAMS), else double"))
     devices: int | None = field(default=None, metadata=_meta(
         cli="--devices", none="every local device the memory budget allows (on CPU one per "
         "core, edkit.cores)", help="shard frames over N devices (on CPU: N host devices)"))

@@ -292,7 +292,7 @@ def _prepare(
         optimizer=core.make_optimizer(params, GROUPS, base_rates, opts.decay_steps),
         config=stack_config(
             setup, opts.absorption is not None, "eig",
-            jnp.complex64 if opts.precision == "single" else None, opts.batch_size,
+            jnp.complex64 if plan.precision == "single" else None, opts.batch_size,
             plan.remat, plan.devices,
         ),
         objective=opts.objective, chunk_frames=plan.chunk_frames, fused=plan.fused,
