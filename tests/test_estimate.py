@@ -5,6 +5,7 @@ import pytest
 import edkit
 from edkit.io.pets import select_frames
 from edkit.refine.estimate import TimeEstimate, estimate_time
+from edkit.refine.lm import n_free_parameters
 from edkit.refine.options import options_from
 from edkit.refine.prepare import plan_setup
 
@@ -33,6 +34,9 @@ def test_a_least_squares_iteration_costs_more_than_its_solves(data_dir) -> None:
         crystal, select_frames(dataset, slice(0, None, 20)), options_from()
     )
     n_free = int(mapping.position_mask.sum() + mapping.adp_mask.sum())
+    assert n_free_parameters(mapping, options_from().refine) == n_free  # positions and ADPs
+    assert n_free_parameters(mapping, ("positions", "thickness")) == mapping.position_mask.sum()
+    assert n_free_parameters(mapping, ("thickness",)) == 0
     estimate = estimate_time(setup, plan.devices, n_free)
     assert estimate.n_free == n_free > 0 and estimate.solves == setup.angles.size
     # one eigendecomposition and 2 n_free products per solve, the same timed eigh as the epoch

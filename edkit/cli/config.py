@@ -156,6 +156,7 @@ def validate(args: argparse.Namespace) -> str:
     from edkit.io.cif import read_cif
     from edkit.io.pets import read_pets, select_frames
     from edkit.refine.estimate import estimate_time
+    from edkit.refine.lm import n_free_parameters
     from edkit.refine.options import options_from
     from edkit.refine.prepare import plan_setup
 
@@ -169,7 +170,7 @@ def validate(args: argparse.Namespace) -> str:
         dataset = select_frames(dataset, slice(0, None, args.every))
     setup, mapping, plan = plan_setup(crystal, dataset, options)
     beams = setup.n_beams
-    n_free = int(mapping.position_mask.sum() + mapping.adp_mask.sum())
+    n_free = n_free_parameters(mapping, options.refine)
     searches = args.searches if args.searches is not None else (0 if args.steps else 3)
     steps = (args.steps or args.max_steps) * (1 + searches)  # as the schedule counts them
     lm_iterations = args.lm_rounds * args.lm_iterations

@@ -32,8 +32,8 @@ def start_run(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
     and output folder."""
     from edkit.io.cif import read_cif
     from edkit.io.pets import read_pets, select_frames
-    from edkit.refine.lm import free_masks
-    from edkit.refine.options import GROUPS, options_from, parse_memory
+    from edkit.refine.lm import n_free_parameters
+    from edkit.refine.options import options_from, parse_memory
     from edkit.refine.prepare import plan_setup
     from edkit.refine.refinement import Refinement
     from edkit.refine.schedule import Position, Schedule
@@ -67,8 +67,8 @@ def start_run(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
         f"{int(setup.n_beams.min())}–{int(setup.n_beams.max())}",
         flush=True,
     )
-    free = free_masks(mapping, {group: group in checked.refine for group in GROUPS})
-    print_plan(setup, memory_plan, int(sum(m.sum() for m in free)), schedule, Position())
+    n_free = n_free_parameters(mapping, checked.refine)
+    print_plan(setup, memory_plan, n_free, schedule, Position())
     refinement = Refinement(crystal, dataset, progress=False if args.quiet else None, **options)
     start_report = refinement.report()
     print(

@@ -54,6 +54,13 @@ def free_masks(mapping: Any, enabled: dict[str, bool]) -> tuple[np.ndarray, np.n
     )
 
 
+def n_free_parameters(mapping: Any, refine: tuple[str, ...]) -> int:
+    """Free structural coefficients (least-squares parameters) when the groups ``refine`` are
+    refined (see :func:`free_masks`)."""
+    pos_mask, adp_mask = free_masks(mapping, dict.fromkeys(refine, True))
+    return int(pos_mask.sum() + adp_mask.sum())
+
+
 def shift_structure(
     params: Any, graphdef: Any, pos_mask: np.ndarray, adp_mask: np.ndarray, theta: jax.Array
 ) -> Any:
