@@ -105,3 +105,61 @@ def test_segments_are_checked(quartz_crystal, quartz_frames) -> None:
     # A default n_sub is rounded up to a multiple of the runs.
     setup = build_frame_setup(quartz_crystal, frames, segments=7)
     assert setup.settings["n_sub"] % 7 == 0 and setup.settings["segments"] == 7
+
+
+def test_coupling_strength_is_u_over_2k(quartz_crystal, quartz_frames) -> None:
+    from edkit.constants import potential_prefactor
+    from edkit.physics.structure import structure_factors_of
+    from edkit.simulate.setup import coupling_strength
+
+    candidates = np.array([[0, 0, 0], [1, 0, 0], [0, 1, -1], [2, -1, 1]])
+    strength = coupling_strength(quartz_crystal, candidates, 200e3, 40.0)
+    differences = np.array([[1, 0, 0], [-2, 2, -2], [2, -1, 1], [0, 0, 0]])
+    with jax.enable_x64(True):
+        f = np.asarray(
+            structure_factors_of(
+                structure_params(quartz_crystal), structure_tables(quartz_crystal), differences
+            )
+        )
+    expected = np.abs(f) * potential_prefactor(200e3) / 80.0
+    expected[-1] = 0.0  # U₀ couples nothing
+    np.testing.assert_allclose(strength(differences), expected, rtol=1e-12)
+    assert expected[:3].min() > 0
+
+
+def test_resonant_beams_join_the_run() -> None:
+    """A frame beam off the sphere over the whole run joins the run's exact beams when an exact
+    beam drives it near resonance (|U|/2K against their S difference), not otherwise."""
+    from edkit.simulate.segments import CouplingStrength, run_selection
+
+    candidates = np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0], [3, 0, 0], [0, 5, 0]])
+    # S over two sub-orientations (one run): 000 and beam 1 near the sphere, 2 at 0.02 like
+    # nothing exact, 3 resonant with 1 at the second sub-orientation, 4 far and weak.
+    excitation = np.array([[0.0, 0.0], [0.001, 0.03], [0.05, 0.05], [0.04, 0.0305], [0.2, 0.2]])
+    keep = np.ones(5, bool)
+    values = np.zeros((9, 11, 1))
+    lower = np.array([-4, -5, 0])
+    table = CouplingStrength(lower, values)
+    values[2 + 4, 5, 0] = values[-2 + 4, 5, 0] = 0.002  # h_3 − h_1 = (2, 0, 0)
+    values[1 + 4, 5, 0] = values[-1 + 4, 5, 0] = 0.0001  # neighbours along the row: weak
+    plain, _ = run_selection(excitation, keep, 1, 0.005, None)
+    promoted, _ = run_selection(excitation, keep, 1, 0.005, None, candidates, table)
+    np.testing.assert_array_equal(plain[0], [0, 1])
+    # Beam 3: |U|/2K = 0.002 against |S_3 − S_1| = 0.0005 → ratio 4 ≥ RESONANCE; beam 2's
+    # couplings are 0.0001 over gaps ≥ 0.01 (ratio ≤ 0.01); beam 4 couples to nothing.
+    np.testing.assert_array_equal(promoted[0], [0, 1, 3])
+
+
+def test_refinement_option_segment_tails_reaches_the_setup(quartz_crystal, quartz_frames) -> None:
+    from edkit.refine.options import options_from
+    from edkit.refine.prepare import plan_setup
+
+    frames = select_frames(quartz_frames, [0, 1])
+    for tails in (False, True):
+        opts = options_from(segments=2, segment_tails=tails, g_max=0.8)
+        setup, _, _ = plan_setup(quartz_crystal, frames, opts)
+        assert setup.segments is not None
+        assert (setup.segments.tail is not None) == tails
+        assert setup.settings["tails"] == int(tails)
+    with pytest.raises(EdkitError, match="segment_tails"):
+        options_from(segment_tails="yes")

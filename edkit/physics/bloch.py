@@ -84,7 +84,7 @@ def structure_matrix(
     return a
 
 
-def _named_eigensystem(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+def named_eigensystem(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     """``checkpoint_name(arrays, EIGENSYSTEM)``, complex arrays through their real and imaginary
     parts: JAX 0.12's rematerialisation inserts ``reduce_precision`` on saved residuals, which
     rejects complex dtypes."""
@@ -100,13 +100,13 @@ def _named_eigensystem(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
 
 # e^{ix} sin(x)/x = (e^{2ix} − 1)/(2ix) = Σ_k p_k x^k: the divided difference of exp near a
 # degeneracy, (e^{itλ_i} − e^{itλ_j})/(λ_i − λ_j) = i t e^{itλ_j} Σ_k p_k (t(λ_i − λ_j)/2)^k.
-_NEAR_SERIES = (1.0, 1j, -2.0 / 3.0, -1j / 3.0)
+NEAR_SERIES = (1.0, 1j, -2.0 / 3.0, -1j / 3.0)
 # Pairs with |t (λ_i − λ_j)/2| below this use the series (truncation ~ x⁴ ≈ 1e-12); the rest the
 # plain difference quotient (cancellation ~ 1e-16/x ≤ 1e-13).
-_NEAR_THRESHOLD = 1e-3
+NEAR_THRESHOLD = 1e-3
 
 
-def _propagate_from_eigensystem(
+def propagate_from_eigensystem(
     eigenvalues: jax.Array, right: jax.Array, entrance: jax.Array, thickness: jax.Array
 ) -> jax.Array:
     """ψ(t) = W diag(e^{itλ}) c with c = W⁻¹ e₀; shape (n_t, n)."""
@@ -129,14 +129,14 @@ def propagate_hermitian(b: jax.Array, thickness: jax.Array) -> jax.Array:
     eigenvalues) plus i B ψ dt for the thickness.
     """
     eigenvalues, vectors = jnp.linalg.eigh(b)
-    return _propagate_from_eigensystem(eigenvalues, vectors, jnp.conj(vectors[0]), thickness)
+    return propagate_from_eigensystem(eigenvalues, vectors, jnp.conj(vectors[0]), thickness)
 
 
 @propagate_hermitian.defjvp
 def _propagate_hermitian_jvp(primals, tangents):
     b, thickness = primals
     db, dthickness = tangents
-    eigenvalues, vectors = _named_eigensystem(jnp.linalg.eigh(b))
+    eigenvalues, vectors = named_eigensystem(jnp.linalg.eigh(b))
     left = jnp.conj(vectors).T
     return _matrix_function_jvp(eigenvalues, vectors, left, thickness, db, dthickness)
 
@@ -157,7 +157,7 @@ def propagate_general(b: jax.Array, thickness: jax.Array) -> jax.Array:
     """
     eigenvalues, right = jnp.linalg.eig(b)
     left = jnp.linalg.inv(right)
-    return _propagate_from_eigensystem(eigenvalues, right, left[:, 0], thickness)
+    return propagate_from_eigensystem(eigenvalues, right, left[:, 0], thickness)
 
 
 @propagate_general.defjvp
@@ -165,7 +165,7 @@ def _propagate_general_jvp(primals, tangents):
     b, thickness = primals
     db, dthickness = tangents
     eigenvalues, right = jnp.linalg.eig(b)
-    eigenvalues, right, left = _named_eigensystem((eigenvalues, right, jnp.linalg.inv(right)))
+    eigenvalues, right, left = named_eigensystem((eigenvalues, right, jnp.linalg.inv(right)))
     return _matrix_function_jvp(eigenvalues, right, left, thickness, db, dthickness)
 
 
@@ -177,19 +177,24 @@ def _matrix_function_jvp(eigenvalues, right, left, thickness, db, dthickness):
     (X∘D(t))c = φ(t) ∘ ((X∘G)c) − (X∘G)(c∘φ(t)): matrix products, never an (n_t, n, n) tensor.
     Near-degenerate pairs (the diagonal included) use the series in t(λ_i − λ_j)/2 instead.
     """
-    entrance = left[:, 0]
+    x = left @ db.astype(right.dtype) @ right
+    return transported_jvp(eigenvalues, right, left[:, 0], thickness, x, dthickness)
+
+
+def transported_jvp(eigenvalues, right, entrance, thickness, x, dthickness):
+    """:func:`_matrix_function_jvp` from X = W⁻¹ dB W already in the eigenbasis (``x``) and
+    c = W⁻¹e₀ (``entrance``): (ψ, dψ), each (n_t, n)."""
     phases = jnp.exp(1j * thickness[:, None] * eigenvalues[None, :])  # (n_t, n)
     weighted = phases * entrance[None, :]  # c ∘ φ(t)
     psi = weighted @ right.T
-    x = left @ db.astype(right.dtype) @ right
     gap = eigenvalues[:, None] - eigenvalues[None, :]
     t_max = jnp.max(jnp.abs(thickness))
-    near = jnp.abs(gap) * (0.5 * t_max) < _NEAR_THRESHOLD
+    near = jnp.abs(gap) * (0.5 * t_max) < NEAR_THRESHOLD
     x_far = jnp.where(near, 0.0, x / jnp.where(near, 1.0, gap))
     y = phases * (x_far @ entrance)[None, :] - weighted @ x_far.T
     x_near = jnp.where(near, x, 0.0)
     half_gap = 0.5 * gap
-    for power, coefficient in enumerate(_NEAR_SERIES):
+    for power, coefficient in enumerate(NEAR_SERIES):
         t_power = (1j * coefficient) * thickness[:, None] ** (power + 1)
         y = y + t_power * (weighted @ (x_near * half_gap**power).T)
     rate = 1j * eigenvalues[None, :] * weighted
@@ -226,7 +231,7 @@ def propagate_perturbative(
     """
     eigenvalues, vectors = jnp.linalg.eigh(b)
     shift = jnp.einsum("ij,ik,kj->j", jnp.conj(vectors), b_absorptive, vectors)
-    return _propagate_from_eigensystem(
+    return propagate_from_eigensystem(
         eigenvalues + 1j * shift, vectors, jnp.conj(vectors[0]), thickness
     )
 
@@ -277,6 +282,21 @@ def bethe_terms(
     return jnp.einsum("iw,kw,wj->kij", coupling_out, inverse_coefficients, coupling_in)
 
 
+def with_bethe(a: jax.Array, metric: jax.Array, bethe: jax.Array) -> jax.Array:
+    """A − M_i M_j C_ij with the Hermitian part of the Bethe correction C, Å⁻², (n, n)."""
+    hermitian = 0.5 * (bethe + jnp.conj(bethe).T)
+    return a - (metric[:, None] * metric[None, :]) * hermitian
+
+
+def cast_solve(x: jax.Array, solve_dtype: jnp.dtype | None) -> jax.Array:
+    """``x`` in the solves' precision: ``solve_dtype`` (complex) or its real counterpart for a
+    real ``x``, so that a real (centrosymmetric) matrix keeps a real solve, 2–2.5× faster
+    (kernel.py --real); None keeps ``x``."""
+    if solve_dtype is None:
+        return x
+    return x.astype(solve_dtype if jnp.iscomplexobj(x) else jnp.finfo(solve_dtype).dtype)
+
+
 def bloch_intensities(
     excitation_error: jax.Array,
     g_normal: jax.Array,
@@ -316,14 +336,10 @@ def bloch_intensities(
     a = structure_matrix(excitation_error, metric, potential, k_mag)
     out_dtype = jnp.real(a).dtype
     if bethe is not None and (absorptive is None or method == "perturbative"):
-        hermitian = 0.5 * (bethe + jnp.conj(bethe).T)
-        a = a - outer * hermitian
+        a = with_bethe(a, metric, bethe)
 
     def cast(x):
-        # A real (centrosymmetric) matrix keeps a real solve: 2–2.5× faster (kernel.py --real).
-        if solve_dtype is None:
-            return x
-        return x.astype(solve_dtype if jnp.iscomplexobj(x) else jnp.finfo(solve_dtype).dtype)
+        return cast_solve(x, solve_dtype)
 
     t = thickness if solve_dtype is None else thickness.astype(jnp.real(cast(a)).dtype)
     if absorptive is None:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edkit.physics import bloch
+from edkit.physics import bloch, tails
 from edkit.physics.orientation import rotation_x
 
 #: Excitation error given to padding beams, Å⁻¹: far from any real beam, never coupled.
@@ -37,6 +37,20 @@ class WeakBeams(NamedTuple):
     potential_in: jax.Array
     absorptive_out: jax.Array | None = None
     absorptive_in: jax.Array | None = None
+
+
+class TailBeams(NamedTuple):
+    """Frame beams left out of a solve whose first-order tails it adds (:mod:`.tails`).
+
+    Attributes (n solved beams, n_o left-out beams):
+      g_cart: their reciprocal vectors, crystal axes, Å⁻¹, (n_o, 3).
+      valid: False for padding, bool, (n_o,).
+      potential: U(h_j − h_w) from each solved beam j into each left-out beam w, Å⁻², (n_o, n).
+    """
+
+    g_cart: jax.Array
+    valid: jax.Array
+    potential: jax.Array
 
 
 def sub_orientation_angles(semiangle: float, n_sub: int, mosaicity: float = 0.0) -> np.ndarray:
@@ -119,8 +133,9 @@ def frame_intensities(
     weak: WeakBeams | None = None,
     bethe_terms: int | None = None,
     sub_batch: int | None = None,
+    tail: TailBeams | None = None,
 ) -> jax.Array:
-    """Rocking-curve-integrated intensities of one frame, shape (n_t, n).
+    """Rocking-curve-integrated intensities of one frame, shape (n_t, n) (n + n_o with tails).
 
     Args:
       k_hats: electrons' direction for each sub-orientation, crystal axes, shape (n_sub, 3).
@@ -142,10 +157,15 @@ def frame_intensities(
       sub_batch: solve this many sub-orientations at a time (``lax.map``, each chunk keeping only
         its eigendecompositions for the gradient) to bound the working memory of large beam
         sets; None solves all of them together (``vmap``).
+      tail: left-out beams whose first-order tails are added (:func:`tails.intensities_with_tails`;
+        without absorption only), or None.
 
     Returns:
-      Σ_k w_k I_g(t; k), shape (n_t, n); zero on padding beams.
+      Σ_k w_k I_g(t; k), shape (n_t, n), then the left-out beams' with ``tail``, (n_t, n + n_o);
+      zero on padding beams.
     """
+    if tail is not None and absorptive is not None:
+        raise ValueError("tails are first order in a Hermitian solve: no absorption")
     coupled = valid[:, None] & valid[None, :]
     potential = jnp.where(coupled, potential, 0.0)
     if absorptive is not None:
@@ -165,6 +185,9 @@ def frame_intensities(
             coupling_out = coupling_out + 1j * jnp.where(pair_out, weak.absorptive_out, 0.0)
             coupling_in = coupling_in + 1j * jnp.where(pair_in, weak.absorptive_in, 0.0)
 
+    if tail is not None:
+        tail_potential = jnp.where(tail.valid[:, None] & valid[None, :], tail.potential, 0.0)
+    valid_out = valid if tail is None else jnp.concatenate([valid, tail.valid])
     n_sub = k_hats.shape[0]
     shared = False
     if weak is not None and bethe_terms is not None and bethe_terms < n_sub:
@@ -188,6 +211,13 @@ def frame_intensities(
             s_weak = bloch.excitation_errors(weak.g_cart, k_hat, k_mag)
             s_weak = jnp.where(weak.valid, s_weak, INERT_EXCITATION_ERROR)
             bethe = bloch.bethe_correction(coupling_out, coupling_in, s_weak, k_mag)
+        if tail is not None:
+            s_tail = bloch.excitation_errors(tail.g_cart, k_hat, k_mag)
+            s_tail = jnp.where(tail.valid, s_tail, INERT_EXCITATION_ERROR)
+            return tails.intensities_with_tails(
+                s, g_normal, potential, k_mag, thickness, s_tail,
+                jnp.where(tail.valid, tail.g_cart @ k_hat, 0.0), tail_potential, solve_dtype, bethe,
+            )  # fmt: skip
         return bloch.bloch_intensities(
             s, g_normal, potential, k_mag, thickness, absorptive, method, solve_dtype, bethe
         )
@@ -199,4 +229,4 @@ def frame_intensities(
         # chunk by chunk): without this the backward pass would hold every chunk's intermediates.
         chunk = jax.checkpoint(lambda x: one(*x), policy=bloch.KEEP_EIGENSYSTEMS)
         intensities = jax.lax.map(chunk, (k_hats, jnp.asarray(basis)), batch_size=sub_batch)
-    return jnp.where(valid[None, :], jnp.einsum("k,ktn->tn", weights, intensities), 0.0)
+    return jnp.where(valid_out[None, :], jnp.einsum("k,ktn->tn", weights, intensities), 0.0)

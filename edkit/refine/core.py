@@ -28,7 +28,8 @@ from flax import nnx
 from edkit.refine.objective import chunk_partial_sum, loss_from_sums
 from edkit.refine.problem import Chunk, Problem
 from edkit.refine.restraints import restraint_residuals
-from edkit.simulate.stack import Potentials, StackConfig, potentials, replicated, stack_frames
+from edkit.simulate.sharding import replicated
+from edkit.simulate.stack import Potentials, StackConfig, potentials, stack_frames
 
 
 class Intermediates(NamedTuple):

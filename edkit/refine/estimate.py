@@ -153,8 +153,8 @@ def estimate_time(
     solves are single but whose Bethe set-up is not in the timed kernels).
 
     The solve size is each bucket's padded beam count, or with segments each bucket's padded
-    run size (:class:`~edkit.simulate.segments.SegmentTables`); the search solves the frames'
-    own beams.
+    run size (:class:`~edkit.simulate.segments.SegmentTables`) plus its tails' products; the
+    search solves the frames' own beams.
     """
     real = bool(setup.settings.get("centric", False))
     n_sub = int(setup.angles.shape[1])
@@ -173,8 +173,15 @@ def estimate_time(
         search += count * kernels(size)[0]
         solve = size if runs is None else int(runs.sizes[position])
         eigh, product = kernels(solve, precision == "single")
-        epoch += count * eigh
-        normal += count * (eigh + n_free * TANGENT_FACTOR * 2.0 * product)
+        # Tails (physics.tails): an (n_o × m)(m × m) product per solve, and per tangent one
+        # more m³ product (the eigenvectors' derivative) and another (n_o × m)(m × m).
+        tail_ratio = 0.0
+        if runs is not None and runs.tail is not None:
+            tail_ratio = runs.tail_sizes[position] / solve
+        forward = eigh + tail_ratio * product
+        tangent = 2.0 + (1.0 + tail_ratio if tail_ratio else 0.0)
+        epoch += count * forward
+        normal += count * (forward + n_free * TANGENT_FACTOR * tangent * product)
         solves += count
     return TimeEstimate(
         solves, epoch, EPOCH_FACTOR * epoch, search, normal if n_free else 0.0, n_free

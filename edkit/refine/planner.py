@@ -172,7 +172,14 @@ def setup_bytes(setup: FrameSetup) -> float:
         runs = setup.segments
         tables += sum(
             x.nbytes
-            for x in (runs.beam, runs.coupling, runs.weak_hkl, runs.coupling_out, runs.coupling_in)
+            for x in (
+                runs.beam,
+                runs.coupling,
+                runs.weak_hkl,
+                runs.coupling_out,
+                runs.coupling_in,
+                runs.tail,
+            )
             if x is not None
         )
     f_arrays = setup.differences.shape[0] * (16 * 8 + 24)  # F, its cotangents, tangents, hkl

@@ -216,6 +216,7 @@ def plan_setup(
     setup = build_frame_setup(
         crystal, dataset, g_max=opts.g_max, sg_max=opts.sg_max, n_sub=opts.n_sub,
         sg_weak=opts.sg_weak, bethe_terms=opts.bethe_terms, segments=opts.segments,
+        tails=opts.segment_tails,
     )  # fmt: skip
     if opts.tilt_weights is not None:  # the same weights for every frame, normalised
         weights = np.asarray(opts.tilt_weights, dtype=np.float64)

@@ -10,14 +10,17 @@ eigendecompositions shrink from the frame's n to the run's m beams (cost ∝ m³
 CsPbBr₃-sized frame (g_max 2.3 Å⁻¹, θ = 1.47°) six runs solve 379 instead of 936 beams at
 sg_max = 0.01 Å⁻¹ (``benchmarks/large.py``; accuracy in the README).
 
-A beam outside a run's exact set contributes nothing there: its intensity in that run is taken
-as zero (a Bethe beam is folded into the others' coupling, not simulated). That is the
-approximation; the frame's exact set is the union of its runs' sets, so the frame's observed
-reflections keep their places.
+A frame beam outside a run's exact set counts zero in that run, or with ``tails`` gets its
+first-order tail there: its amplitude driven by the run's Bloch waves (:mod:`edkit.physics.tails`),
+an (n_o × m) product per sub-orientation (not with absorption). First order fails where an exact
+beam drives a left-out one near resonance (strong coupling, equal excitation errors), so with
+tails such beams join the run's exact set (:data:`RESONANCE`). A Bethe beam
+is folded into the others' coupling, not simulated. The frame's exact set is the union of its
+runs' sets, so the frame's observed reflections keep their places.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -37,6 +40,9 @@ class SegmentTables:
       coupling_out, coupling_in: indices of h_w − h_i (n_f, S, m, m_w) and h_j − h_w
         (n_f, S, m_w, m), or None.
       sizes, weak_sizes: padded m and m_w of each bucket of frames (as ``setup.buckets``).
+      tail, tail_valid: the frame beams outside each run's exact set (positions in
+        ``setup.hkl``, padding 0 and False), int32 and bool, (n_f, S, n_o), or None without tails.
+      tail_sizes: padded n_o of each bucket, () without tails.
     """
 
     beam: np.ndarray
@@ -48,6 +54,9 @@ class SegmentTables:
     coupling_in: np.ndarray | None
     sizes: tuple[int, ...]
     weak_sizes: tuple[int, ...]
+    tail: np.ndarray | None = None
+    tail_valid: np.ndarray | None = None
+    tail_sizes: tuple[int, ...] = ()
 
     @property
     def n_beams(self) -> np.ndarray:
@@ -74,32 +83,87 @@ def check_segments(segments: object, n_sub: int, n_sub_given: bool) -> int:
     return -(-n_sub // segments) * segments
 
 
+#: A frame beam left out of a run joins the run's exact beams when an exact beam drives it near
+#: resonance: |U(h_i − h_w)| / (2K |S_w − S_i|) at least this at some sub-orientation of the run
+#: (the two beams' mixing ratio; first-order tails grow without bound at resonance).
+RESONANCE = 0.2
+
+
+@dataclass(frozen=True)
+class CouplingStrength:
+    """|U(h)| / 2K over a box of Miller indices (Å⁻¹): how strongly two beams h apart couple,
+    in excitation-error units. ``values[h - lower]``; ``lower`` int (3,)."""
+
+    lower: np.ndarray
+    values: np.ndarray
+
+    def __call__(self, hkl: np.ndarray) -> np.ndarray:
+        """|U|/2K at integer hkl (..., 3) inside the box, Å⁻¹."""
+        index = hkl - self.lower
+        return self.values[index[..., 0], index[..., 1], index[..., 2]]
+
+
+def _promote_resonant(
+    exact: np.ndarray,
+    keep: np.ndarray,
+    excitation: np.ndarray,
+    candidates: np.ndarray,
+    strength: CouplingStrength,
+) -> np.ndarray:
+    """``exact`` (bool over candidates) with the resonant frame beams of the run added (each
+    pass may make more resonant, at most four passes). ``excitation``: S over the run (n_c, L)."""
+    exact = exact.copy()
+    for _ in range(4):
+        inside, outside = np.nonzero(exact & keep)[0], np.nonzero(~exact & keep)[0]
+        if len(outside) == 0:
+            break
+        coupling = strength(candidates[inside][None, :, :] - candidates[outside][:, None, :])
+        gap = np.full(coupling.shape, np.inf)
+        for k in range(excitation.shape[1]):
+            s = excitation[:, k]
+            np.minimum(gap, np.abs(s[outside][:, None] - s[inside][None, :]), out=gap)
+        ratio = coupling / np.maximum(gap, 1e-12)
+        resonant = outside[ratio.max(axis=1) >= RESONANCE]
+        if len(resonant) == 0:
+            break
+        exact[resonant] = True
+    return exact
+
+
 def run_selection(
-    abs_excitation: np.ndarray,
+    excitation: np.ndarray,
     keep: np.ndarray,
     segments: int,
     sg_max: float,
     sg_weak: float | None,
+    candidates: np.ndarray | None = None,
+    strength: CouplingStrength | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """Each run's exact beams (as positions in the frame's list) and Bethe beams (candidates).
 
     Args:
-      abs_excitation: |S_g| of every candidate at every sub-orientation, Å⁻¹, (n_c, n_sub).
+      excitation: S_g of every candidate at every sub-orientation, Å⁻¹, (n_c, n_sub).
       keep: the frame's exact beams among the candidates (candidate 0 is 000), bool, (n_c,).
       segments: runs S (n_sub a multiple of it).
       sg_max, sg_weak: as in ``build_frame_setup``, applied over each run.
+      candidates, strength: the candidates' hkl (n_c, 3) and their couplings: with both, a
+        frame beam an exact beam drives near resonance (:data:`RESONANCE`) joins the run's
+        exact beams (for tails); None: |S| alone decides.
 
     Returns:
       (positions, weak): S int arrays of positions in the frame list ``candidates[keep]``
       (000 first); S int arrays of candidate indices of the run's Bethe beams, or None.
     """
-    n_candidates = abs_excitation.shape[0]
-    closest = abs_excitation.reshape(n_candidates, segments, -1).min(axis=2)
+    n_candidates = excitation.shape[0]
+    by_run = excitation.reshape(n_candidates, segments, -1)
+    closest = np.abs(by_run).min(axis=2)
     position = np.cumsum(keep) - 1
     positions, weak = [], []
     for run in range(segments):
         exact = closest[:, run] <= sg_max
         exact[0] = True
+        if strength is not None and candidates is not None:
+            exact = _promote_resonant(exact, keep, by_run[:, run], candidates, strength)
         positions.append(position[np.nonzero(exact & keep)[0]])
         if sg_weak is not None:
             weak.append(np.nonzero(~exact & (closest[:, run] <= sg_weak))[0])
@@ -167,3 +231,31 @@ def allocate_tables(
         beam, valid, coupling, weak_hkl, weak_valid, coupling_out, coupling_in, sizes, weak_sizes
     )
     return tables, pairs, out
+
+
+def with_tails(
+    tables: SegmentTables,
+    n_frame_beams: np.ndarray,
+    bucket_frames: tuple[np.ndarray, ...],
+    bucket_size: Callable[[int], int],
+) -> SegmentTables:
+    """``tables`` with each run's tail beams: the frame's beams outside the run's exact set.
+
+    Args:
+      tables: from :func:`allocate_tables`.
+      n_frame_beams: real beams of each frame, (n_f,).
+      bucket_frames, bucket_size: as in :func:`allocate_tables`.
+    """
+    n_f, segments, _ = tables.beam.shape
+    n_tail = n_frame_beams[:, None] - tables.n_beams  # (n_f, S)
+    size = bucket_size(max(1, int(n_tail.max())))
+    tail = np.zeros((n_f, segments, size), np.int32)
+    tail_valid = np.zeros((n_f, segments, size), bool)
+    for f in range(n_f):
+        for r in range(segments):
+            outside = np.ones(n_frame_beams[f], bool)
+            outside[tables.beam[f, r][tables.valid[f, r]]] = False
+            positions = np.nonzero(outside)[0]
+            tail[f, r, : len(positions)], tail_valid[f, r, : len(positions)] = positions, True
+    tail_sizes = tuple(bucket_size(max(1, int(n_tail[frames].max()))) for frames in bucket_frames)
+    return replace(tables, tail=tail, tail_valid=tail_valid, tail_sizes=tail_sizes)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import xarray as xr
 
-from edkit.constants import electron_wavelength
+from edkit.constants import electron_wavelength, potential_prefactor
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.physics.beams import (
@@ -26,10 +26,22 @@ from edkit.physics.beams import (
 from edkit.physics.geometry import frame_orientations
 from edkit.physics.orientation import rotation_x
 from edkit.physics.rocking import LAB_BEAM, sub_orientation_angles, sub_orientation_weights
-from edkit.physics.structure import centric_at_origin, structure_params, structure_tables
+from edkit.physics.structure import (
+    centric_at_origin,
+    structure_factors_of,
+    structure_params,
+    structure_tables,
+)
 from edkit.schema import cell_parameters
 from edkit.simulate.pattern import mean_inner_potential
-from edkit.simulate.segments import SegmentTables, allocate_tables, check_segments, run_selection
+from edkit.simulate.segments import (
+    CouplingStrength,
+    SegmentTables,
+    allocate_tables,
+    check_segments,
+    run_selection,
+    with_tails,
+)
 
 DEFAULT_SG_MAX = 0.015  # Å⁻¹
 DEFAULT_SUB_STEP = 0.05  # degrees between sub-orientations
@@ -151,6 +163,7 @@ def build_frame_setup(
     bethe_terms: int | None = None,
     prune_centring: bool = True,
     segments: int = 1,
+    tails: bool = False,
 ) -> FrameSetup:
     """Plan the simulation of every frame of ``dataset`` (see :class:`FrameSetup`).
 
@@ -178,6 +191,10 @@ def build_frame_setup(
         only the beams within ``sg_max`` (and Bethe beams within ``sg_weak``) over the run
         (:mod:`edkit.simulate.segments`); 1: every sub-orientation solves the frame's beams.
         A default ``n_sub`` is rounded up to a multiple of it.
+      tails: with ``segments`` > 1, give each frame beam outside a run's exact set its
+        first-order tail there (:mod:`edkit.physics.tails`; not with absorption), the beams an
+        exact one drives near resonance joining the run (:data:`~.segments.RESONANCE`); False:
+        such a beam counts zero in that run.
     """
     check_cell(crystal, dataset)
     for name, value in (("g_max", g_max), ("sg_max", sg_max), ("rsg", rsg), ("dsg", dsg)):
@@ -219,6 +236,9 @@ def build_frame_setup(
     candidates = reflections_within(reciprocal, g_max, centring)
     g_candidates = candidates @ reciprocal
     g_half_squared = np.einsum("ij,ij->i", g_candidates, g_candidates) / (2.0 * k_mag)
+    strength = None
+    if segments > 1 and tails:
+        strength = coupling_strength(crystal, candidates, voltage, k_mag)
     frame_beams, frame_weak = [], []
     run_positions: list[list[np.ndarray]] = []
     run_weak: list[list[np.ndarray]] = []
@@ -235,7 +255,9 @@ def build_frame_setup(
         if sg_weak is not None:
             frame_weak.append(candidates[~keep & (closest <= sg_weak)])
         if segments > 1:
-            positions, weak = run_selection(np.abs(s), keep, segments, sg_max, sg_weak)
+            positions, weak = run_selection(
+                s, keep, segments, sg_max, sg_weak, candidates, strength
+            )
             run_positions.append(positions)
             run_weak.append([candidates[w] for w in weak] if weak is not None else [])
     sizes = np.array([max(bucket_size(len(b)), pad_to or 0) for b in frame_beams])
@@ -257,6 +279,9 @@ def build_frame_setup(
             frame_beams, run_positions, run_weak if sg_weak is not None else None, buckets,
             bucket_size,
         )  # fmt: skip
+        if tails:
+            n_frame_beams = np.array([len(b) for b in frame_beams])
+            segment_tables = with_tails(segment_tables, n_frame_beams, buckets, bucket_size)
     differences, coupling, coupling_out, coupling_in = _coupling_indices(
         frame_beams, frame_weak if sg_weak is not None else None, hkl.shape[1],
         None if weak_hkl is None else weak_hkl.shape[1], extra_pairs, extra_out,
@@ -323,8 +348,31 @@ def build_frame_setup(
             "mosaicity": float(mosaicity),
             "prune_centring": int(prune_centring),  # 0/1: netCDF attrs
             "segments": int(segments),
+            "tails": int(tails and segments > 1),  # 0/1: netCDF attrs
         },
     )
+
+
+def coupling_strength(
+    crystal: Crystal, candidates: np.ndarray, voltage: float, k_mag: float
+) -> CouplingStrength:
+    """|U(h)|/2K (Å⁻¹) of the crystal for every difference of two candidates (the box they span),
+    from its structure factors as read: what decides resonances between beams in set-up."""
+    lower, upper = candidates.min(axis=0), candidates.max(axis=0)
+    low, span = lower - upper, 2 * (upper - lower) + 1
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in span), indexing="ij"), -1).reshape(-1, 3)
+    grid = grid + low
+    values = np.empty(len(grid))
+    with jax.enable_x64(True):
+        params, tables = structure_params(crystal), structure_tables(crystal)
+        for start in range(0, len(grid), 65536):
+            chunk = grid[start : start + 65536]
+            values[start : start + len(chunk)] = np.abs(
+                np.asarray(structure_factors_of(params, tables, chunk))
+            )
+    values *= potential_prefactor(voltage) / (2.0 * k_mag)
+    values[np.all(grid == 0, axis=1)] = 0.0  # U₀ sits in K, it couples nothing
+    return CouplingStrength(low, values.reshape(tuple(span)))
 
 
 def _coupling_indices(

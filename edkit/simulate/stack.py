@@ -8,22 +8,21 @@ runs it over every beam-count bucket of a setup; the refinement core runs it chu
 frames so that memory is that of one chunk (``edkit.refine.core``).
 """
 
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edkit.constants import electron_wavelength, potential_prefactor
 from edkit.errors import EdkitError
 from edkit.physics import bloch
 from edkit.physics.orientation import rotation_x, rotation_y, rotation_z
-from edkit.physics.rocking import LAB_BEAM, WeakBeams, frame_intensities
+from edkit.physics.rocking import LAB_BEAM, TailBeams, WeakBeams, frame_intensities
 from edkit.physics.structure import StructureParams, StructureTables, structure_factors_of
 from edkit.simulate.pattern import mean_inner_potential
 from edkit.simulate.setup import FrameSetup
+from edkit.simulate.sharding import sharded_map
 
 Remat = bool | Literal["eigensystems"]
 
@@ -87,7 +86,8 @@ class FrameArrays(NamedTuple):
     (S runs of m beams, m_w weak; :class:`~edkit.simulate.segments.SegmentTables`):
     segment_beam (c, S, m), segment_valid (c, S, m), segment_coupling (c, S, m, m), and with
     Bethe beams segment_weak_hkl (c, S, m_w, 3), segment_weak_valid (c, S, m_w),
-    segment_coupling_out (c, S, m, m_w), segment_coupling_in (c, S, m_w, m); else None.
+    segment_coupling_out (c, S, m, m_w), segment_coupling_in (c, S, m_w, m), and with tails
+    segment_tail (c, S, n_o), segment_tail_valid (c, S, n_o); else None.
     """
 
     rotations: Any
@@ -107,6 +107,8 @@ class FrameArrays(NamedTuple):
     segment_weak_valid: Any = None
     segment_coupling_out: Any = None
     segment_coupling_in: Any = None
+    segment_tail: Any = None
+    segment_tail_valid: Any = None
 
 
 def frame_arrays(
@@ -132,6 +134,12 @@ def frame_arrays(
             segment_valid=runs.valid[frames, :, :m],
             segment_coupling=runs.coupling[frames, :, :m, :m],
         )
+        if runs.tail is not None and runs.tail_valid is not None:
+            n_o = runs.tail_sizes[bucket]
+            arrays = arrays._replace(
+                segment_tail=runs.tail[frames, :, :n_o],
+                segment_tail_valid=runs.tail_valid[frames, :, :n_o],
+            )
         if runs.weak_hkl is not None and runs.weak_valid is not None and weak_size is not None:
             assert runs.coupling_out is not None and runs.coupling_in is not None
             m_w = runs.weak_sizes[bucket]
@@ -175,9 +183,12 @@ def potentials(
     return Potentials(f_all, k_mag, kappa)
 
 
-def sub_batch_size(n_frames: int, size: int, n_sub: int, batch_size: int) -> int | None:
-    """Sub-orientations solved at once for frames of ``size`` beams (None: all of them)."""
-    per_sub = min(batch_size, n_frames) * size * size  # elements per sub-orientation
+def sub_batch_size(
+    n_frames: int, size: int, n_sub: int, batch_size: int, working: int | None = None
+) -> int | None:
+    """Sub-orientations solved at once for frames of ``size`` beams (None: all of them);
+    ``working``: columns of the per-solve working set (``size``, more with tails)."""
+    per_sub = min(batch_size, n_frames) * size * (working or size)  # elements per solve
     return None if per_sub * n_sub <= WORKING_ELEMENTS else max(1, WORKING_ELEMENTS // per_sub)
 
 
@@ -209,6 +220,10 @@ def stack_frames(
 
     has_runs = arrays.segment_beam is not None
     has_run_weak = arrays.segment_weak_hkl is not None
+    # First-order tails need a Hermitian solve (physics.tails): runs with absorption go without.
+    has_tails = arrays.segment_tail is not None and not absorbing
+    if arrays.segment_tail is not None and absorbing:
+        arrays = arrays._replace(segment_tail=None, segment_tail_valid=None)
 
     def weak_beams(weak_hkl, weak_valid, coupling_out, coupling_in, f_values, kappa):
         potential_out = prefactor * f_values.at[coupling_out].get(mode="promise_in_bounds")
@@ -222,14 +237,24 @@ def stack_frames(
             kappa * potential_in if absorbing else None,
         )
 
-    def intensities(k_hats, weights, hkl, valid, coupling, weak_arrays, t, shared, sub_batch):
+    def intensities(
+        k_hats, weights, hkl, valid, coupling, weak_arrays, t, shared, sub_batch, tail_arrays=None
+    ):
         f_values, wave_number, kappa = shared
         potential = prefactor * f_values.at[coupling].get(mode="promise_in_bounds")
         weak = None if weak_arrays is None else weak_beams(*weak_arrays, f_values, kappa)
+        tail = None
+        if tail_arrays is not None:
+            tail_hkl, tail_valid, tail_coupling = tail_arrays
+            tail = TailBeams(
+                tail_hkl.astype(reciprocal.dtype) @ reciprocal,
+                tail_valid,
+                prefactor * f_values.at[tail_coupling].get(mode="promise_in_bounds"),
+            )
         return frame_intensities(
             k_hats, weights, hkl.astype(reciprocal.dtype) @ reciprocal, valid, potential,
             wave_number, t, kappa * potential if absorbing else None, config.absorption_method,
-            solve_dtype, weak, config.bethe_terms, sub_batch,
+            solve_dtype, weak, config.bethe_terms, sub_batch, tail,
         )  # fmt: skip
 
     def one_frame(inputs, shared, sub_batch):
@@ -247,12 +272,17 @@ def stack_frames(
 
         def one_run(run):
             k_run, w_run, beam, run_valid, run_coupling = run[:5]
+            tail_arrays, placed = None, beam
+            if has_tails:  # the frame's other beams, coupled from the run's: h_j − h_w
+                tail, tail_valid = run[-2:]
+                tail_arrays = (hkl[tail], tail_valid, coupling[tail][:, beam])
+                placed = jnp.concatenate([beam, tail])
             out = intensities(
                 k_run, w_run, hkl[beam], run_valid, run_coupling,
-                run[5:] if has_run_weak else None, t, shared, sub_batch,
+                run[5:9] if has_run_weak else None, t, shared, sub_batch, tail_arrays,
             )  # fmt: skip
             # The run's rocking-curve sum joins the frame's beams (padding adds zeros at 000).
-            return jnp.zeros((t.shape[0], hkl.shape[0]), out.dtype).at[:, beam].add(out)
+            return jnp.zeros((t.shape[0], hkl.shape[0]), out.dtype).at[:, placed].add(out)
 
         run_inputs = (
             k_hats.reshape(n_runs, -1, 3), weights.reshape(n_runs, -1), *runs
@@ -267,9 +297,12 @@ def stack_frames(
         frame_function = jax.checkpoint(one_frame, policy=policy, static_argnums=(2,))
 
     n_frames, size, n_sub = arrays.hkl.shape[0], arrays.hkl.shape[1], arrays.angles.shape[1]
+    working = size
     if has_runs:  # each run solves its own m beams over n_sub / S sub-orientations
         size, n_sub = arrays.segment_beam.shape[2], n_sub // arrays.segment_beam.shape[1]
-    sub_batch = sub_batch_size(n_frames, size, n_sub, config.batch_size)
+        # The tails' (n_o, m) coupling and products count as (n_o / m) more of an m² solve.
+        working = size + (arrays.segment_tail.shape[2] if has_tails else 0)
+    sub_batch = sub_batch_size(n_frames, size, n_sub, config.batch_size, working)
 
     def map_frames(shared, *inputs):
         return jax.lax.map(
@@ -391,50 +424,6 @@ def stack_config(
         remat=remat,
         devices=int(devices),
     )
-
-
-def frame_mesh(devices: int) -> Mesh:
-    """The one-axis mesh ("frames") of the first ``devices`` devices that frames are split over.
-
-    Raises:
-      EdkitError: JAX sees fewer devices.
-    """
-    available = jax.devices()
-    if devices > len(available):
-        raise EdkitError(
-            f"devices = {devices}, but JAX sees {len(available)}; on CPU set "
-            f"EDKIT_CPU_DEVICES={devices} before importing edkit (or start with "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices})"
-        )
-    return Mesh(np.array(available[:devices]), ("frames",))
-
-
-def replicated(devices: int) -> NamedSharding:
-    """Where parameters live when frames are sharded over ``devices``: a copy on each device of
-    :func:`frame_mesh` (what the sharded programs return them as, so that every step's inputs
-    keep one placement and its program is compiled once)."""
-    return NamedSharding(frame_mesh(devices), PartitionSpec())
-
-
-def sharded_map(map_frames: Callable, shared: tuple, inputs: tuple, devices: int) -> Any:
-    """Run ``map_frames(shared, *inputs)`` with the frames (leading axis of ``inputs`` and of
-    every output) split over ``devices`` devices (results identical to the single-device map:
-    the same per-frame program runs on each shard).
-
-    ``jax.devices()`` is the global device list, so after ``jax.distributed.initialize`` on every
-    host the same call spans hosts (multi-controller; see the README, untested here)."""
-    n = inputs[0].shape[0]
-    pad = (-n) % devices  # shards must be equal: repeat the last frame, drop it afterwards
-    if pad:
-        inputs = tuple(jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) for x in inputs)
-    mesh = frame_mesh(devices)
-    sharded = jax.shard_map(
-        map_frames,
-        mesh=mesh,
-        in_specs=(PartitionSpec(), *(PartitionSpec("frames") for _ in inputs)),
-        out_specs=PartitionSpec("frames"),
-    )
-    return jax.tree.map(lambda x: x[:n], sharded(shared, *inputs))
 
 
 def reflection_intensities(setup: FrameSetup, frame_stack: jax.Array) -> jax.Array:

@@ -32,11 +32,11 @@ from edkit.physics.rocking import INERT_EXCITATION_ERROR, chebyshev_fit, sub_ori
 from edkit.physics.structure import structure_params, structure_tables
 from edkit.progress import progress_bar
 from edkit.simulate.setup import FrameSetup, build_frame_setup
+from edkit.simulate.sharding import sharded_map
 from edkit.simulate.stack import (
     FrameArrays,
     StackConfig,
     frame_arrays,
-    sharded_map,
     stack_config,
 )
 from edkit.simulate.stack import sub_batch_size as _sub_batch_size
