@@ -53,6 +53,22 @@ METHODS: dict[str, tuple[dict, bool, str]] = {
         False,
         "shared Bethe, complex64 solves",
     ),
+    "runs": (
+        {"sg_max": 0.005, "sg_weak": 0.03, "bethe_terms": 12, "segments": 4},
+        False,
+        "shared Bethe, 4 runs per frame each with its own beams",
+    ),
+    "runs-tails": (
+        {
+            "sg_max": 0.005,
+            "sg_weak": 0.03,
+            "bethe_terms": 12,
+            "segments": 4,
+            "segment_tails": True,
+        },
+        False,
+        "4 runs with the other beams' first-order tails",
+    ),
 }
 
 

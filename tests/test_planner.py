@@ -28,27 +28,39 @@ def _modelled_and_compiled(refinement: Refinement) -> tuple[float, float]:
     c, n = chunk.arrays.hkl.shape[:2]
     n_w, n_sub = chunk.arrays.weak_hkl.shape[1], chunk.arrays.angles.shape[1]
     sub_batch = sub_batch_size(c, n, n_sub, problem.config.batch_size)
+    tail = 0
+    if chunk.arrays.segment_tail is not None:  # runs with tails (the planner counts n² anyway)
+        tail = chunk.arrays.segment_beam.shape[2] * chunk.arrays.segment_tail.shape[2]
     kept, transient = frame_bytes(
         n, n_w, n_sub, 2, real=problem.real_potential, single=False,
         remat=problem.config.remat, bethe_terms=problem.config.bethe_terms, sub_batch=sub_batch,
+        tail=tail,
     )  # fmt: skip
     return c * kept + min(c, problem.config.batch_size) * transient, float(temp)
 
 
 @pytest.mark.parametrize(
-    ("structure", "data", "every", "g_max"),
+    ("structure", "data", "every", "g_max", "runs"),
     [
-        ("quartz_kinematical.cif", "quartz_experimental.cif_pets", 20, 1.6),  # whole solves
+        ("quartz_kinematical.cif", "quartz_experimental.cif_pets", 20, 1.6, {}),  # whole solves
         pytest.param(  # real, sub-orientation batches; 21 s
-            "glycine.cif", "glycine_dyn.cif_pets", 10, 1.8, marks=pytest.mark.slow
+            "glycine.cif", "glycine_dyn.cif_pets", 10, 1.8, {}, marks=pytest.mark.slow
+        ),
+        pytest.param(  # runs with tails: the n² model plus TAIL_BYTES per m·n_o
+            "quartz_kinematical.cif",
+            "quartz_experimental.cif_pets",
+            20,
+            1.6,
+            {"segments": 4, "segment_tails": True},
+            marks=pytest.mark.slow,
         ),
     ],
 )
-def test_frame_model_matches_xla(data_dir, structure, data, every, g_max) -> None:
+def test_frame_model_matches_xla(data_dir, structure, data, every, g_max, runs) -> None:
     crystal = read_cif(data_dir / "structures" / structure)
     dataset = select_frames(read_pets(data_dir / "pets" / data), slice(0, None, every))
     refinement = Refinement(
-        crystal, dataset, g_max=g_max, chunk_frames=1, thickness_grid=(500.0, 500.0, 1.0)
+        crystal, dataset, g_max=g_max, chunk_frames=1, thickness_grid=(500.0, 500.0, 1.0), **runs
     )
     modelled, compiled = _modelled_and_compiled(refinement)
     assert compiled > 0

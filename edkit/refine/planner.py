@@ -33,6 +33,10 @@ from edkit.simulate.stack import Remat, bucket_layout, sub_batch_size
 FULL_BYTES = 190.0
 #: Bytes per n² per solve alive while a rematerialised (sub-)batch is solved: 180–225 measured.
 WORK_BYTES = 210.0
+#: Bytes per tail element (m solved × n_o left-out beams, ``segment_tails``) per solve, kept or
+#: transient like the n² terms: 500 measured (XLA's buffers for a quartz frame in 4 runs, 27.1 MB
+#: with tails against 8.7 MB without; m 32, n_o 24, 48 sub-orientations).
+TAIL_BYTES = 500.0
 #: Bytes of the process before any data (Python, JAX runtime, compiled code).
 RUNTIME_BYTES = 0.6e9
 #: Fraction of the available memory the default budget takes.
@@ -137,15 +141,17 @@ def frame_bytes(
     remat: Remat,
     bethe_terms: int | None,
     sub_batch: int | None,
+    tail: int = 0,
 ) -> tuple[float, float]:
     """(kept, transient) bytes of one frame's value and gradient (see the module docstring).
 
     ``kept`` stays for the whole chunk (per frame); ``transient`` is alive while one frame of a
-    vectorised batch is solved (multiply by the frames solved together).
+    vectorised batch is solved (multiply by the frames solved together). ``tail``: tail elements
+    m·n_o per solve (runs with tails), counted at :data:`TAIL_BYTES` as n² is at FULL_BYTES.
     """
     scale = 0.5 if single else 1.0
     e = element_bytes(real, single)
-    per_solve = n * n + n * n_t
+    per_solve = n * n + n * n_t + tail * TAIL_BYTES / FULL_BYTES
     bethe = 2.0 * n * n_w * 16 * 3 + (bethe_terms or 0) * n * n * e * 2
     kept: float
     if sub_batch is not None:  # sub-orientation chunks keep only their eigensystems
@@ -246,8 +252,15 @@ def plan_for_devices(
     bethe_terms = setup.settings.get("bethe_terms")
     fixed = RUNTIME_BYTES + setup_bytes(setup) + 8.0 * n_parameters**2
     layout = bucket_layout(setup)
-    largest = max(layout, key=lambda b: b[1] * b[1] + 2 * b[1] * (b[2] or 0))
-    _, n, n_w = largest
+    runs = setup.segments
+    tails = [0] * len(layout)  # m·n_o per solve of each bucket
+    if runs is not None and runs.tail is not None:
+        tails = [m * n_o for m, n_o in zip(runs.sizes, runs.tail_sizes, strict=True)]
+    largest_index = max(
+        range(len(layout)),
+        key=lambda i: layout[i][1] ** 2 + 2 * layout[i][1] * (layout[i][2] or 0) + tails[i],
+    )
+    _, n, n_w = layout[largest_index]
     n_w = int(n_w or 0)
     single = precision == "single" or (precision == "auto" and n >= AUTO_SINGLE_BEAMS)
 
@@ -255,7 +268,7 @@ def plan_for_devices(
         sub_batch = sub_batch_size(frames, n, n_sub, batch_size)
         kept, transient = frame_bytes(
             n, n_w, n_sub, n_t, real=real, single=single, remat=choice,
-            bethe_terms=bethe_terms, sub_batch=sub_batch,
+            bethe_terms=bethe_terms, sub_batch=sub_batch, tail=tails[largest_index],
         )  # fmt: skip
         return kept, transient * min(batch_size, frames)
 
@@ -290,11 +303,11 @@ def plan_for_devices(
     peak = fixed + c * kept + batch
     n_chunks = sum(-(-len(frames) // c) for frames, _, _ in layout)
     whole = 0.0  # every frame's working set at its own bucket's size
-    for frames, size, weak in layout:
+    for (frames, size, weak), tail in zip(layout, tails, strict=True):
         sub_batch = sub_batch_size(min(c, len(frames)), size, n_sub, batch_size)
         k, t = frame_bytes(
             size, int(weak or 0), n_sub, n_t, real=real, single=single, remat=choice,
-            bethe_terms=bethe_terms, sub_batch=sub_batch,
+            bethe_terms=bethe_terms, sub_batch=sub_batch, tail=tail,
         )  # fmt: skip
         whole += len(frames) * k + min(batch_size, len(frames)) * t
     fused = chunk_frames is None and whole <= FUSE_BYTES and fixed + whole <= budget
