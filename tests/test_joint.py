@@ -42,6 +42,7 @@ def _start_as(single: Refinement, member: Refinement) -> None:
     member._core_state = core.init(member.state, member.problem)
 
 
+@pytest.mark.slow  # 93 s on CI's 2 cores; runs in test-slow (the default run stays under 10 min)
 def test_split_dataset_with_per_frame_thickness_is_the_single_refinement(data_dir, halves):
     """Per-frame thickness, orientations and scales are per frame either way, so from the same
     start the joint loss and gradient are the single dataset's: the same steps, the same
