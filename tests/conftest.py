@@ -60,6 +60,22 @@ def data_dir() -> Path:
     return DATA
 
 
+@pytest.fixture(scope="module")
+def quartz_crystal(data_dir):
+    """The published quartz structure (bundled data)."""
+    from edkit.io.cif import read_cif
+
+    return read_cif(data_dir / "structures" / "quartz.cif")
+
+
+@pytest.fixture(scope="module")
+def quartz_frames(data_dir):
+    """The real quartz dataset (PETS2, bundled data)."""
+    from edkit.io.pets import read_pets
+
+    return read_pets(data_dir / "pets" / "quartz_experimental.cif_pets")
+
+
 def inject_nan_loss(refinement, monkeypatch, at_call: int = 2) -> None:
     """Make the refinement core's step report a NaN loss on its ``at_call``-th call (a
     divergence the Refinement must detect and recover from); other calls are untouched."""

@@ -13,20 +13,9 @@ import numpy as np
 import pytest
 
 from edkit import EdkitError
-from edkit.io.cif import read_cif
-from edkit.io.pets import read_pets, select_frames
+from edkit.io.pets import select_frames
 from edkit.physics.structure import structure_params, structure_tables
 from edkit.simulate.frames import build_frame_setup, frame_intensity_stack, simulate_frames
-
-
-@pytest.fixture(scope="module")
-def quartz_crystal(data_dir):
-    return read_cif(data_dir / "structures" / "quartz.cif")
-
-
-@pytest.fixture(scope="module")
-def quartz_frames(data_dir):
-    return read_pets(data_dir / "pets" / "quartz_experimental.cif_pets")
 
 
 def _stack(crystal, setup, thickness, **options):
@@ -110,7 +99,7 @@ def test_segments_are_checked(quartz_crystal, quartz_frames) -> None:
 def test_coupling_strength_is_u_over_2k(quartz_crystal, quartz_frames) -> None:
     from edkit.constants import potential_prefactor
     from edkit.physics.structure import structure_factors_of
-    from edkit.simulate.setup import coupling_strength
+    from edkit.simulate.segments import coupling_strength
 
     candidates = np.array([[0, 0, 0], [1, 0, 0], [0, 1, -1], [2, -1, 1]])
     strength = coupling_strength(quartz_crystal, candidates, 200e3, 40.0)

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from jax.scipy.linalg import expm
 
-from edkit.io.cif import read_cif
-from edkit.io.pets import read_pets, select_frames
+from edkit.io.pets import select_frames
 from edkit.physics import bloch
 from edkit.physics.structure import structure_params, structure_tables
 from edkit.physics.tails import intensities_with_tails, propagate_hermitian_tails
@@ -120,16 +119,6 @@ def test_tail_gradient_is_finite_at_degenerate_eigenvalues() -> None:
         )  # fmt: skip
     for grad in grads:
         assert np.isfinite(np.asarray(grad)).all()
-
-
-@pytest.fixture(scope="module")
-def quartz_crystal(data_dir):
-    return read_cif(data_dir / "structures" / "quartz.cif")
-
-
-@pytest.fixture(scope="module")
-def quartz_frames(data_dir):
-    return read_pets(data_dir / "pets" / "quartz_experimental.cif_pets")
 
 
 @pytest.mark.slow  # 18 s; runs in CI's test-slow

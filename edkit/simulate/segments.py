@@ -22,9 +22,13 @@ runs' sets, so the frame's observed reflections keep their places.
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import jax
 import numpy as np
 
+from edkit.constants import potential_prefactor
+from edkit.crystal import Crystal
 from edkit.errors import EdkitError
+from edkit.physics.structure import structure_factors_of, structure_params, structure_tables
 
 
 @dataclass(frozen=True, eq=False)
@@ -259,3 +263,25 @@ def with_tails(
             tail[f, r, : len(positions)], tail_valid[f, r, : len(positions)] = positions, True
     tail_sizes = tuple(bucket_size(max(1, int(n_tail[frames].max()))) for frames in bucket_frames)
     return replace(tables, tail=tail, tail_valid=tail_valid, tail_sizes=tail_sizes)
+
+
+def coupling_strength(
+    crystal: Crystal, candidates: np.ndarray, voltage: float, k_mag: float
+) -> CouplingStrength:
+    """|U(h)|/2K (Å⁻¹) of the crystal for every difference of two candidates (the box they span),
+    from its structure factors as read: what decides resonances between beams in set-up."""
+    lower, upper = candidates.min(axis=0), candidates.max(axis=0)
+    low, span = lower - upper, 2 * (upper - lower) + 1
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in span), indexing="ij"), -1).reshape(-1, 3)
+    grid = grid + low
+    values = np.empty(len(grid))
+    with jax.enable_x64(True):
+        params, tables = structure_params(crystal), structure_tables(crystal)
+        for start in range(0, len(grid), 65536):
+            chunk = grid[start : start + 65536]
+            values[start : start + len(chunk)] = np.abs(
+                np.asarray(structure_factors_of(params, tables, chunk))
+            )
+    values *= potential_prefactor(voltage) / (2.0 * k_mag)
+    values[np.all(grid == 0, axis=1)] = 0.0  # U₀ sits in K, it couples nothing
+    return CouplingStrength(low, values.reshape(tuple(span)))

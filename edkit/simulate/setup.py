@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import xarray as xr
 
-from edkit.constants import electron_wavelength, potential_prefactor
+from edkit.constants import electron_wavelength
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.physics.beams import (
@@ -26,19 +26,14 @@ from edkit.physics.beams import (
 from edkit.physics.geometry import frame_orientations
 from edkit.physics.orientation import rotation_x
 from edkit.physics.rocking import LAB_BEAM, sub_orientation_angles, sub_orientation_weights
-from edkit.physics.structure import (
-    centric_at_origin,
-    structure_factors_of,
-    structure_params,
-    structure_tables,
-)
+from edkit.physics.structure import centric_at_origin, structure_params, structure_tables
 from edkit.schema import cell_parameters
 from edkit.simulate.pattern import mean_inner_potential
 from edkit.simulate.segments import (
-    CouplingStrength,
     SegmentTables,
     allocate_tables,
     check_segments,
+    coupling_strength,
     run_selection,
     with_tails,
 )
@@ -351,28 +346,6 @@ def build_frame_setup(
             "tails": int(tails and segments > 1),  # 0/1: netCDF attrs
         },
     )
-
-
-def coupling_strength(
-    crystal: Crystal, candidates: np.ndarray, voltage: float, k_mag: float
-) -> CouplingStrength:
-    """|U(h)|/2K (Å⁻¹) of the crystal for every difference of two candidates (the box they span),
-    from its structure factors as read: what decides resonances between beams in set-up."""
-    lower, upper = candidates.min(axis=0), candidates.max(axis=0)
-    low, span = lower - upper, 2 * (upper - lower) + 1
-    grid = np.stack(np.meshgrid(*(np.arange(n) for n in span), indexing="ij"), -1).reshape(-1, 3)
-    grid = grid + low
-    values = np.empty(len(grid))
-    with jax.enable_x64(True):
-        params, tables = structure_params(crystal), structure_tables(crystal)
-        for start in range(0, len(grid), 65536):
-            chunk = grid[start : start + 65536]
-            values[start : start + len(chunk)] = np.abs(
-                np.asarray(structure_factors_of(params, tables, chunk))
-            )
-    values *= potential_prefactor(voltage) / (2.0 * k_mag)
-    values[np.all(grid == 0, axis=1)] = 0.0  # U₀ sits in K, it couples nothing
-    return CouplingStrength(low, values.reshape(tuple(span)))
 
 
 def _coupling_indices(
