@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edkit.errors import EdkitError
 from edkit.physics import bloch, tails
 from edkit.physics.orientation import rotation_x
 
@@ -165,7 +166,7 @@ def frame_intensities(
       zero on padding beams.
     """
     if tail is not None and absorptive is not None:
-        raise ValueError("tails are first order in a Hermitian solve: no absorption")
+        raise EdkitError("tails are first order in a Hermitian solve: no absorption with tails")
     coupled = valid[:, None] & valid[None, :]
     potential = jnp.where(coupled, potential, 0.0)
     if absorptive is not None:

@@ -22,7 +22,11 @@ from edkit.physics.rocking import LAB_BEAM, TailBeams, WeakBeams, frame_intensit
 from edkit.physics.structure import StructureParams, StructureTables, structure_factors_of
 from edkit.simulate.pattern import mean_inner_potential
 from edkit.simulate.setup import FrameSetup
-from edkit.simulate.sharding import sharded_map
+
+# frame_mesh and replicated were this module's before the sharding moved out: kept importable.
+from edkit.simulate.sharding import frame_mesh as frame_mesh
+from edkit.simulate.sharding import replicated as replicated
+from edkit.simulate.sharding import sharded_map as sharded_map
 
 Remat = bool | Literal["eigensystems"]
 
