@@ -96,7 +96,9 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     report["stages"] = [
         m
         for m in refinement.messages
-        if "converge" in m or "Levenberg" in m or m.startswith("thickness search")
+        if "converge" in m
+        or "Levenberg" in m
+        or m.startswith(("thickness search", "kinematical start"))
     ]
     report["structure"], report["data"] = run.get("structure"), run.get("data")
     report["divergences"] = sum(
@@ -135,7 +137,8 @@ def _compare_hands(refinement: Any, args: argparse.Namespace, run: dict) -> Any:
     from edkit.refine.refinement import Refinement
 
     _say("absolute structure: refining the inverted structure the same way")
-    options = options_json(refinement.options)
+    # the inverse of the start the refinement had (a kinematical start already made, once)
+    options = {**options_json(refinement.options), "kinematic_start": False}
     inverse = Refinement(
         inverted_crystal(refinement.start_crystal), refinement.dataset,
         progress=False if args.quiet else None, **options,

@@ -70,6 +70,8 @@ def start_run(args: argparse.Namespace) -> tuple[Any, dict, Any, Any, Path]:
     n_free = n_free_parameters(mapping, checked.refine)
     print_plan(setup, memory_plan, n_free, schedule, Position())
     refinement = Refinement(crystal, dataset, progress=False if args.quiet else None, **options)
+    if refinement.kinematic_start is not None:
+        print(refinement.kinematic_start.describe(), flush=True)
     start_report = refinement.report()
     print(
         f"start: mean per-frame R_obs {start_report['r_obs_mean_frame']:.4f}, "

@@ -75,7 +75,10 @@ def refine_in_cycles(
     reports: list[dict[str, Any]] = []
     for cycle in range(1, cycles + 1):
         started = time.perf_counter()
-        refinement = Refinement(crystal, dataset, progress=progress, **options)
+        # A kinematical start is made once, from the given model: a later cycle starts from a
+        # refined structure, which a kinematical fit would only move by its bias.
+        own = options if cycle == 1 else {**options, "kinematic_start": False}
+        refinement = Refinement(crystal, dataset, progress=progress, **own)
         start_r = refinement.report()["r_obs_mean_frame"]
         refinement.fit(max_steps, lm_iterations, progress=progress)
         report = {**refinement.report(), "r_obs_mean_frame_start": start_r}

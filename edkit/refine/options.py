@@ -100,6 +100,11 @@ class RefinementOptions:
         cli="--segment-tails", flag=True,
         help="with --segments: add the first-order tails of the frame's other beams to each "
         "run (and solve the beams they resonate with): closer to the frame solve, costlier"))
+    kinematic_start: bool = field(default=False, metadata=_meta(
+        cli="--kinematic-start", flag=True,
+        help="from a far-off model: fit the positions to |F|² and choose one overall U by the "
+        "thickness search before anything else (edkit.refine.kinematic); not for a start that is "
+        "already refined"))
     tilt_weights: tuple[float, ...] | None = field(default=None, metadata=_meta(
         cli=None, units="1", none="uniform (each sub-orientation its slice of the rocking range)",
         help="relative weights of a frame's n_sub sub-orientations, shared by every frame "
@@ -267,6 +272,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "n_sub": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer ≥ 1 or None"),
     "segments": (lambda v: _is_int(v) and v >= 1, "an integer ≥ 1"),
     "segment_tails": (lambda v: isinstance(v, bool), "True or False"),
+    "kinematic_start": (lambda v: isinstance(v, bool), "True or False"),
     "tilt_weights": (
         lambda v: v is None or (isinstance(v, tuple) and len(v) >= 1
                                 and all(_is_real(w) and w >= 0 for w in v) and sum(v) > 0),

@@ -29,6 +29,7 @@ from edkit.models.thickness import FrameFeatures
 from edkit.precision import x64
 from edkit.refine import checkpoint, core, lm, research
 from edkit.refine.convergence import MAX_STEPS, Convergence
+from edkit.refine.kinematic import KinematicStart, kinematic_start
 from edkit.refine.least_squares import StructureLeastSquaresMixin
 from edkit.refine.options import (
     GROUPS,
@@ -38,7 +39,13 @@ from edkit.refine.options import (
     parse_memory,
 )
 from edkit.refine.planner import MemoryPlan
-from edkit.refine.prepare import check_problem_data, prepare, spread_messages
+from edkit.refine.prepare import (
+    check_inputs,
+    check_observations,
+    check_problem_data,
+    prepare,
+    spread_messages,
+)
 from edkit.refine.problem import Problem
 from edkit.refine.results import figures
 from edkit.refine.views import RefinementViews
@@ -92,6 +99,8 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
     start_spread_losses: dict[float, float]
     #: Bars for set-up, search and least squares (None: where someone watches; also on load).
     progress: bool | None = None
+    #: What ``kinematic_start=True`` did (:mod:`edkit.refine.kinematic`); None without it.
+    kinematic_start: KinematicStart | None = None
     #: Each cycle's :meth:`report` when made by :func:`edkit.refine.cycles.refine_in_cycles`.
     cycle_reports: list[dict[str, Any]] | None = None
 
@@ -110,7 +119,15 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
         if isinstance(options.get("memory_limit"), str):
             options["memory_limit"] = parse_memory(options["memory_limit"])
         self.progress = progress
-        self._set_up(crystal, dataset, options_from(**options), None)
+        opts = options_from(**options)
+        if opts.kinematic_start:
+            check_inputs(crystal, dataset)  # before the fit: a clear error, not a bad fit
+            check_observations(dataset)
+            self.kinematic_start = kinematic_start(crystal, dataset, opts, progress)
+            crystal = self.kinematic_start.crystal
+        self._set_up(crystal, dataset, opts, None)
+        if self.kinematic_start is not None:
+            self.messages.insert(0, self.kinematic_start.describe())
 
     @x64
     def _set_up(
