@@ -27,9 +27,9 @@ from edkit.models.hybrid import HybridModel
 from edkit.models.parameters import StructureMapping
 from edkit.models.thickness import FrameFeatures
 from edkit.precision import x64
-from edkit.refine import checkpoint, core, lm, research
+from edkit.refine import checkpoint, core, kinematic, lm, research
 from edkit.refine.convergence import MAX_STEPS, Convergence
-from edkit.refine.kinematic import KinematicStart, kinematic_start
+from edkit.refine.kinematic import KinematicStart
 from edkit.refine.least_squares import StructureLeastSquaresMixin
 from edkit.refine.options import (
     GROUPS,
@@ -123,7 +123,7 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
         if opts.kinematic_start:
             check_inputs(crystal, dataset)  # before the fit: a clear error, not a bad fit
             check_observations(dataset)
-            self.kinematic_start = kinematic_start(crystal, dataset, opts, progress)
+            self.kinematic_start = kinematic.kinematic_start(crystal, dataset, opts, progress)
             crystal = self.kinematic_start.crystal
         self._set_up(crystal, dataset, opts, None)
         if self.kinematic_start is not None:
