@@ -98,10 +98,8 @@ class JointRefinement:
             )
         opts = options_from(**options)
         if opts.kinematic_start:
-            raise EdkitError(
-                "kinematic_start fits one dataset; for a joint refinement make the start with "
-                "edkit.refine.kinematic.kinematic_start(crystal, dataset) and pass its crystal"
-            )
+            raise EdkitError("kinematic_start fits one dataset; pass the crystal of edkit.refine."
+                             "kinematic.kinematic_start(crystal, dataset) instead")  # fmt: skip
         if opts.objective != "jana":
             raise EdkitError(f"a joint refinement needs objective='jana', not {opts.objective!r}")
         self.names = [

@@ -356,7 +356,7 @@ def kinematic_start(
         for probe in probes:
             probe_r.append(_search_r(probe, subset, opts))
             bar.update()
-        given_r = _search_r(_with_overall_u(crystal, U_PROBE), subset, opts)
+        given_r = _search_r(_with_overall_u(crystal, U_PROBE), subset, opts) if probes else math.nan
         bar.update(1 + CANDIDATES - len(candidates))
         moved, r_kinematic = crystal, r_start
         if probe_r and min(probe_r) < (1.0 - MIN_GAIN) * given_r:
