@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from edkit.crystal import Crystal
 from edkit.errors import EdkitError
 from edkit.precision import x64
-from edkit.refine import core, joint_checkpoint, lm, results
+from edkit.refine import core, joint_checkpoint, kinematic, lm, results
 from edkit.refine.convergence import Convergence
 from edkit.refine.objective import loss_from_sums
 from edkit.refine.options import GROUPS, STRUCTURE_GROUPS, options_from
@@ -97,9 +97,7 @@ class JointRefinement:
                 "(use edkit.Refinement for one)"
             )
         opts = options_from(**options)
-        if opts.kinematic_start:
-            raise EdkitError("kinematic_start fits one dataset; pass the crystal of edkit.refine."
-                             "kinematic.kinematic_start(crystal, dataset) instead")  # fmt: skip
+        kinematic.refuse_several_datasets(opts)
         if opts.objective != "jana":
             raise EdkitError(f"a joint refinement needs objective='jana', not {opts.objective!r}")
         self.names = [

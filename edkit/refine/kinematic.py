@@ -320,6 +320,16 @@ def choose_overall_u(
     return _with_overall_u(crystal, u), u, search_r, start_r
 
 
+def refuse_several_datasets(opts: RefinementOptions) -> None:
+    """A joint refinement cannot take ``kinematic_start``: each dataset would fit a start of
+    its own. Raises :class:`EdkitError` naming what to do instead."""
+    if opts.kinematic_start:
+        raise EdkitError(
+            "kinematic_start fits one dataset; pass the crystal of edkit.refine.kinematic."
+            "kinematic_start(crystal, dataset) instead"
+        )
+
+
 def kinematic_start(
     crystal: Crystal,
     dataset: xr.Dataset,
