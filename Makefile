@@ -6,9 +6,12 @@ PY := $(VENV)/bin/python
 # cross-check) only for the test targets.
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-# pytest processes for `make test` (pytest-xdist, whole files per process so that a module's
-# fixtures are built once): its tests are mostly compilation, one thread each, and 2 took the
-# suite to 420 s on 2 cores (578–604 s in one process earlier the same day). test-slow runs in
+# pytest processes for `make test` (pytest-xdist): its tests are mostly compilation, one thread
+# each, and 2 took the suite to 420 s on 2 cores (578–604 s in one process earlier the same day).
+# `--dist worksteal`: each process starts on one contiguous half of the tests (so a module's
+# fixtures are mostly built once) and takes tests from the other's end when it runs dry; whole
+# files per process (`loadfile`) left one process alone with the longest files at the end:
+# make test 536 s against 554 s, test-slow 1569 s for 2983 s of work (2026-12-06, one run each). test-slow runs in
 # TEST_WORKERS processes too, each pinned to its own core(s) (EDKIT_TEST_PIN=1, conftest.py):
 # its long tests compute, and unpinned processes' threads fought over the cores (32 min against
 # 26 min in one process); pinned: 47 passed in 18 min 19 s (2026-12-05). test-notebooks too
@@ -41,10 +44,10 @@ test: $(TEST_STAMP)
 	$(VENV)/bin/ruff format --check edkit tests benchmarks
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy edkit
-	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist worksteal
 
 test-slow: $(TEST_STAMP)
-	EDKIT_TEST_PIN=1 $(PY) -m pytest -q -m slow --durations=10 -n $(TEST_WORKERS) --dist loadfile
+	EDKIT_TEST_PIN=1 $(PY) -m pytest -q -m slow --durations=10 -n $(TEST_WORKERS) --dist worksteal
 
 # Long reproductions kept out of CI's time budget (the paper benchmark through the compat
 # transform: about 8 minutes on 2 cores).
