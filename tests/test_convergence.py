@@ -36,6 +36,18 @@ def test_too_few_steps_never_converge() -> None:
     assert Convergence(window=5, min_steps=0).reason([1.0] * 5) is None  # nothing before
 
 
+def test_a_warm_up_is_not_compared_with() -> None:
+    """After a new start the fresh moments push the loss up before it falls below the start
+    again: measured against the start's loss that stage looks converged; its warm-up steps
+    (``settle``) are not compared with, so while it falls it has not."""
+    rule = Convergence(window=3, tolerance=1e-3, min_steps=0)
+    losses = [1.0, 1.5, 1.8, 1.6, 1.4, 1.2, 1.1]  # the start, the bump, then 8-14 % a step
+    assert rule.reason(losses) is not None  # the start's 1.0 is the best "before"
+    assert rule.reason(losses, settle=2) is None
+    assert rule.reason([*losses, 1.1, 1.1, 1.1], settle=2) is not None  # flat since: converged
+    assert rule.reason(losses[:5], settle=2) is None  # too few steps after the warm-up
+
+
 def test_non_finite_losses_are_skipped() -> None:
     rule = Convergence(window=2, tolerance=1e-3, min_steps=0)
     assert rule.reason([math.nan, math.nan, 1.0]) is None

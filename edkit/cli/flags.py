@@ -96,8 +96,8 @@ def add_refine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=count, default=None,
         help="exactly this many Adam steps (default: until converged, when the best loss falls "
-        f"by less than {100 * Convergence().tolerance:g} %% over {Convergence().window} steps, "
-        "at most --max-steps)",
+        f"by less than {100 * Convergence().tolerance:g} %% over {Convergence().window} steps "
+        "after the warm-up, at most --max-steps)",
     )  # fmt: skip
     parser.add_argument(
         "--max-steps", type=count, default=MAX_STEPS,

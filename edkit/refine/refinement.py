@@ -147,11 +147,8 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
         self._core_state = core.init(params, self.problem)
         if prepared.start_i_calc is not None:
             self.remember_i_calc(self.state, prepared.start_i_calc)
-        self.step_count = 0
-        self.seconds = 0.0
-        self.best_state = params
-        self.best_step = 0
-        self.best_loss = math.inf
+        self.step_count, self.seconds = 0, 0.0
+        self.best_state, self.best_step, self.best_loss = params, 0, math.inf
         #: The step and loss at which the thickness model last started again (research.py):
         #: warm-up and structure delay count from that step, divergence from that loss.
         self.restart_step, self.restart_loss = 0, 0.0
@@ -321,7 +318,8 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
 
         ``until_converged``: stop early once the best loss has stopped falling (True: the
         default :class:`~edkit.refine.convergence.Convergence`), judged on the steps since
-        ``since_step`` (default: this call's first step). Why it stopped is in
+        ``since_step`` (default: this call's first step), the warm-up's (before
+        :attr:`settled_step`) not compared with. Why it stopped is in
         :attr:`stop_reason` and :attr:`messages`. Returns ``self``.
         """
         rule = Convergence() if until_converged is True else until_converged or None
@@ -336,7 +334,9 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
             if callback is not None and callback(self, record) is False:
                 self.stop_reason = f"stopped from outside at step {self.step_count}"
                 break
-            reason = rule.reason(self._selection_losses(since)) if rule else None
+            losses = self._selection_losses(since)
+            settle = len(losses) - len(self._selection_losses(max(since, self.settled_step)))
+            reason = rule.reason(losses, settle) if rule else None
             if reason is not None:
                 self.stop_reason = f"step {self.step_count}: {reason}"
                 self.messages.append(self.stop_reason)
@@ -350,6 +350,13 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
                 self.messages.append(self.stop_reason)
         release_freed_heap()  # the first step's compiler heap, back to the OS
         return self
+
+    @property
+    def settled_step(self) -> int:
+        """The first step at which every group runs at its full learning rate: after the last
+        (new) start's structure delay and the learning-rate ramp (see :meth:`_rates`)."""
+        delay, warmup = self.options.structure_delay, self.options.warmup_steps
+        return max(self.restart_step + delay, self.warmup_step) + warmup
 
     def _selection_losses(self, since_step: int) -> list[float]:
         """The recorded losses the best state is chosen on (validation or training) of the
