@@ -2,16 +2,16 @@
 
 Adam's loss is noisy from step to step, so the test looks at the *best* loss: the run has
 converged when the best loss of the last ``window`` steps is less than a fraction ``tolerance``
-below the best loss before them. The steps of a warm-up (after a start or a new start of the
-thickness model: the structure held, the learning rates ramped) are not "before": there Adam's
-fresh moments push the loss up for a while, and measured against the start's own loss a stage
-that was still falling fast looked converged (the paper's synthetic quartz, 10 frames, after
-the thickness model's new start: stopped 20 steps in, falling 10 % a step, 0.004 Å off;
-judged after the warm-up: 0.0017 Å). The structure's own convergence (max shift/s.u., as Jana
-and SHELX judge it) belongs to the least squares that follows
-(:func:`edkit.refine.lm.levenberg_marquardt`). The test reads only the refinement's recorded
-losses (and the warm-up's steps), so a run resumed from a checkpoint stops at the same step as
-an uninterrupted one.
+below the best loss before them. The steps of a warm-up (after a start, a new start of the
+thickness model or a least-squares round: the structure held, the learning rates ramped) are
+not "before": there Adam's fresh moments push the loss up for a while, and measured against
+the start's own loss a stage that was still falling fast looked converged (the paper's
+synthetic quartz, 10 frames, after the thickness model's new start: stopped 20 steps in,
+falling 10 % a step, 0.004 Å off; judged after the warm-up: 0.0017 Å). The structure's own
+convergence (max shift/s.u., as Jana and SHELX judge it) belongs to the least squares that
+follows (:func:`edkit.refine.lm.levenberg_marquardt`). The test reads only the refinement's
+recorded losses (and the warm-up's steps), so a run resumed from a checkpoint stops at the same
+step as an uninterrupted one.
 """
 
 import math

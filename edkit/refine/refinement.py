@@ -334,9 +334,8 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
             if callback is not None and callback(self, record) is False:
                 self.stop_reason = f"stopped from outside at step {self.step_count}"
                 break
-            losses = self._selection_losses(since)
-            settle = len(losses) - len(self._selection_losses(max(since, self.settled_step)))
-            reason = rule.reason(losses, settle) if rule else None
+            settle = sum(since <= r["step"] < self.settled_step for r in self._records)
+            reason = rule.reason(self._selection_losses(since), settle) if rule else None
             if reason is not None:
                 self.stop_reason = f"step {self.step_count}: {reason}"
                 self.messages.append(self.stop_reason)
