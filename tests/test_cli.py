@@ -172,7 +172,7 @@ def test_a_run_that_diverged_and_did_not_improve_exits_3(monkeypatch, tmp_path, 
         assert ("exit code 3" in err) == (code == 3)
 
 
-@pytest.mark.slow  # 67 s (two refinements end to end); the hand statistics: test_absolute.py
+@pytest.mark.slow  # 67 s, two refinements; hand statistics: test_absolute_structure.py
 def test_absolute_structure_flag(files, tmp_path) -> None:
     out = tmp_path / "out"
     argv = [

@@ -112,8 +112,7 @@ class JointRefinement:
             for k, d in enumerate(datasets)
         ]
         self.options = self.members[0].options
-        self.step_count = 0
-        self.best_loss, self.best_step = math.inf, 0
+        self.step_count, self.best_loss, self.best_step = 0, math.inf, 0
         self.best_states = [m.state for m in self.members]
         self.messages: list[str] = []
         self.stop_reason = ""
