@@ -13,10 +13,10 @@ TEST_STAMP := $(VENV)/.installed-test
 # files per process (`loadfile`) left one process alone with the longest files at the end:
 # make test 536 s against 554 s, test-slow 1569 s for 2983 s of work (2026-12-06, one run each).
 # test-slow runs in TEST_WORKERS processes too, each pinned to its own core(s) (EDKIT_TEST_PIN=1,
-# conftest.py): its long tests compute, and unpinned processes' threads fought over the cores (32 min against
-# 26 min in one process); pinned: 47 passed in 18 min 19 s (2026-12-05). test-notebooks too
-# (8 notebooks: 311 s in two pinned processes, 340 s unpinned, 433 s in one). The default suite
-# is not pinned: it gained nothing (483 s against 441 s).
+# conftest.py): its long tests compute, and unpinned processes' threads fought over the cores
+# (32 min against 26 min in one process); pinned: 47 passed in 18 min 19 s (2026-12-05).
+# test-notebooks too (8 notebooks: 311 s in two pinned processes, 340 s unpinned, 433 s in one).
+# The default suite is not pinned: it gained nothing (483 s against 441 s).
 TEST_WORKERS ?= 2
 
 .PHONY: demo test test-slow test-benchmarks test-notebooks test-binder test-browser docs binder-badge lint bench clean
