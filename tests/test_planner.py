@@ -4,6 +4,10 @@
 gradient besides its inputs and outputs; the planner's model (edkit.refine.planner) must stay
 within 30 % of it on both routes: a quartz frame solved whole (complex, every intermediate kept)
 and a glycine frame whose sub-orientations are solved in rematerialised batches (real solves).
+Runs with tails get a looser upper bound: the model counts a run's solves at the frame's n² (the
+runs solve m² < n², so it errs high on purpose), and XLA's assignment for that chunk varies:
+27.1 MB when this test runs alone, 23.3 MB in test-slow's runs after other tests in the same
+process (a clean clone, and CI without the compilation cache; 2026-12-06, cause not found).
 Compiling is cheap here; nothing is executed.
 """
 
@@ -40,23 +44,24 @@ def _modelled_and_compiled(refinement: Refinement) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize(
-    ("structure", "data", "every", "g_max", "runs"),
+    ("structure", "data", "every", "g_max", "runs", "max_ratio"),
     [
-        ("quartz_kinematical.cif", "quartz_experimental.cif_pets", 20, 1.6, {}),  # whole solves
+        ("quartz_kinematical.cif", "quartz_experimental.cif_pets", 20, 1.6, {}, 1.3),  # whole
         pytest.param(  # real, sub-orientation batches; 21 s
-            "glycine.cif", "glycine_dyn.cif_pets", 10, 1.8, {}, marks=pytest.mark.slow
+            "glycine.cif", "glycine_dyn.cif_pets", 10, 1.8, {}, 1.3, marks=pytest.mark.slow
         ),
-        pytest.param(  # runs with tails: the n² model plus TAIL_BYTES per m·n_o
+        pytest.param(  # runs with tails: the n² model plus TAIL_BYTES per m·n_o; 1.28 here
             "quartz_kinematical.cif",
             "quartz_experimental.cif_pets",
             20,
             1.6,
             {"segments": 4, "segment_tails": True},
+            1.6,
             marks=pytest.mark.slow,
         ),
     ],
 )
-def test_frame_model_matches_xla(data_dir, structure, data, every, g_max, runs) -> None:
+def test_frame_model_matches_xla(data_dir, structure, data, every, g_max, runs, max_ratio) -> None:
     crystal = read_cif(data_dir / "structures" / structure)
     dataset = select_frames(read_pets(data_dir / "pets" / data), slice(0, None, every))
     refinement = Refinement(
@@ -64,4 +69,4 @@ def test_frame_model_matches_xla(data_dir, structure, data, every, g_max, runs) 
     )
     modelled, compiled = _modelled_and_compiled(refinement)
     assert compiled > 0
-    assert 0.7 <= modelled / compiled <= 1.3, (modelled, compiled)
+    assert 0.7 <= modelled / compiled <= max_ratio, (modelled, compiled)
