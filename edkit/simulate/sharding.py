@@ -44,7 +44,8 @@ def sharded_map(map_frames: Callable, shared: tuple, inputs: tuple, devices: int
     the same per-frame program runs on each shard).
 
     ``jax.devices()`` is the global device list, so after ``jax.distributed.initialize`` on every
-    host the same call spans hosts (multi-controller; see the README, untested here)."""
+    host the same call spans hosts (multi-controller; see the README; tested with two local
+    processes in tests/test_distributed.py)."""
     n = inputs[0].shape[0]
     pad = (-n) % devices  # shards must be equal: repeat the last frame, drop it afterwards
     if pad:
