@@ -48,7 +48,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.slow  # two fresh processes compile the step: about a minute
+@pytest.mark.slow  # two fresh processes compile the step: 57 s, 104 s on one pinned core
 def test_two_processes_give_the_single_process_step(data_dir, tmp_path) -> None:
     code = WORKER.format(every=EVERY, g_max=G_MAX)
     port = str(_free_port())
@@ -82,10 +82,10 @@ def test_two_processes_give_the_single_process_step(data_dir, tmp_path) -> None:
         result = np.load(output)
         np.testing.assert_allclose(result["thickness"], thickness, rtol=1e-12)
         np.testing.assert_allclose(result["loss"], np.asarray(loss), rtol=1e-12)
-        leaves = [result[f"arr_{i}"] for i in range(len(expected))]
         np.testing.assert_allclose(result["after"], after, rtol=1e-12)
         assert after < float(loss)
         assert len(result.files) == len(expected) + 3
+        leaves = [result[f"arr_{i}"] for i in range(len(expected))]
         for got, want in zip(leaves, expected, strict=True):
             # 3e-16 at most measured (gradients up to 3): the same sums, split over processes
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
