@@ -147,9 +147,10 @@ def test_uncertainties_with_nuisance_parameters_are_larger(written) -> None:
 
 def test_full_matrix_matches_the_dense_jacobian(refined) -> None:
     """The arrow-form accumulation with the per-frame columns eliminated frame by frame equals
-    the dense Jacobian of every residual with respect to every parameter (jacfwd), inverted."""
+    the dense Jacobian of every residual with respect to every parameter (jacfwd), inverted
+    (both on the least squares' problem: complex128 solves under precision="auto")."""
     full, layout = refined.full_normal_matrix()
-    problem, n_d, n_f = refined.problem, layout.n_dense, refined.problem.n_frames
+    problem, n_d, n_f = refined.polish_problem, layout.n_dense, refined.problem.n_frames
     assert layout.local_thickness and layout.orientation and layout.n_local == 4
 
     def residuals(theta: jax.Array) -> jax.Array:

@@ -93,8 +93,8 @@ def test_chunked_value_and_gradient_equal_the_whole_dataset_at_once(one_frame_ch
     r = one_frame_chunks
     assert len(r.problem.chunks) == r.setup.n_frames  # one frame per chunk
     params = _stepped_params(r)
-    with jax.enable_x64(True):
-        value, grads = core.value_and_grad(params, r.problem)
+    with jax.enable_x64(True):  # the same chunks with complex128 solves, as the direct path
+        value, grads = core.value_and_grad(params, r.polish_problem)
         direct_value, direct_grads = jax.value_and_grad(_direct_loss, argnums=1)(r, params)
     assert float(value) == pytest.approx(float(direct_value), rel=1e-10)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(direct_grads), strict=True):
@@ -187,17 +187,36 @@ def test_planner_chooses_smaller_chunks_for_a_smaller_budget(one_frame_chunks) -
     assert "frame(s) per chunk" in tight.describe()
 
 
-def test_auto_precision_is_single_for_large_solves_only(one_frame_chunks, monkeypatch) -> None:
-    setup = one_frame_chunks.setup
-    assert one_frame_chunks.options.precision == "auto"  # the default
-    double = plan_memory(setup, memory_limit=20e9, precision="auto")
-    n = double.largest[0]
-    assert n < planner.AUTO_SINGLE_BEAMS and double.precision == "double"
-    assert one_frame_chunks.memory_plan.precision == "double"
-    assert one_frame_chunks.problem.config.solve_dtype is None  # complex128
-    assert plan_memory(setup, memory_limit=20e9, precision="single").precision == "single"
-    monkeypatch.setattr(planner, "AUTO_SINGLE_BEAMS", n)  # as if this were a large crystal
-    single = plan_memory(setup, memory_limit=20e9, precision="auto")
-    assert single.precision == "single" and "complex64 solves" in single.describe()
-    assert single.frame_bytes < double.frame_bytes
+def test_auto_precision_steps_in_single_and_polishes_small_solves_in_double(
+    one_frame_chunks, monkeypatch
+) -> None:
+    """precision="auto": complex64 solves in the gradient steps; the least squares and s.u.'s
+    in complex128 below AUTO_SINGLE_BEAMS beams (memory planned for them), complex64 above."""
+    r = one_frame_chunks
+    setup = r.setup
+    assert r.options.precision == "auto"  # the default
+    small = plan_memory(setup, memory_limit=20e9, precision="auto")
+    n = small.largest[0]
+    assert n < planner.AUTO_SINGLE_BEAMS
+    assert (small.precision, small.polish_precision) == ("single", "double")
+    assert "complex64 solves (complex128 in least squares)" in small.describe()
+    assert r.problem.config.solve_dtype == "complex64"
+    assert r.polish_problem.config.solve_dtype is None  # complex128 under x64
+    assert r._structure_least_squares().problem is r.polish_problem
+    assert r.full_least_squares().problem is r.polish_problem
+    with jax.enable_x64(True):  # the two problems really solve in different precisions
+        steps = np.asarray(core.predict(r.state, r.problem))
+        polish = np.asarray(core.predict(r.state, r.polish_problem))
+    difference = np.abs(steps - polish).max() / np.abs(polish).max()
+    assert 1e-12 < difference < 1e-5, difference
+    double = plan_memory(setup, memory_limit=20e9, precision="double")
+    assert (double.precision, double.polish_precision) == ("double", "double")
     assert "complex64" not in double.describe()
+    assert double.frame_bytes == small.frame_bytes  # planned for the double least squares
+    single = plan_memory(setup, memory_limit=20e9, precision="single")
+    assert (single.precision, single.polish_precision) == ("single", "single")
+    monkeypatch.setattr(planner, "AUTO_SINGLE_BEAMS", n)  # as if this were a large crystal
+    large = plan_memory(setup, memory_limit=20e9, precision="auto")
+    assert (large.precision, large.polish_precision) == ("single", "single")
+    assert "complex64 solves" in large.describe() and "complex128" not in large.describe()
+    assert large.frame_bytes < small.frame_bytes

@@ -42,3 +42,24 @@ def test_a_least_squares_iteration_costs_more_than_its_solves(data_dir) -> None:
     # one eigendecomposition and 2 n_free products per solve, the same timed eigh as the epoch
     assert estimate.normal_seconds > estimate.eigh_seconds > 0
     assert estimate_time(setup, plan.devices).normal_seconds == 0.0
+
+
+def test_steps_and_least_squares_are_timed_in_their_own_precisions(data_dir, monkeypatch) -> None:
+    """precision="auto" on a small cell: the steps' epoch from complex64 kernels, the least
+    squares' normal matrix from complex128 ones (kernel times replaced by fixed figures)."""
+    from edkit.refine import estimate as estimate_module
+
+    def fixed(n, real, single=False, repeats=3, devices=1):
+        return (1e-3 if single else 2e-3), 1e-4
+
+    monkeypatch.setattr(estimate_module, "_kernel_seconds", fixed)
+    crystal = edkit.read_cif(data_dir / "structures" / "quartz_kinematical.cif")
+    dataset = edkit.read_pets(data_dir / "pets" / "quartz_experimental.cif_pets")
+    setup, _, plan = plan_setup(crystal, select_frames(dataset, slice(0, None, 20)), options_from())
+    assert (plan.precision, plan.polish_precision) == ("single", "double")
+    mixed = estimate_time(setup, plan.devices, 15, plan.precision, plan.polish_precision)
+    single = estimate_time(setup, plan.devices, 15, "single")
+    double = estimate_time(setup, plan.devices, 15, "double")
+    assert mixed.eigh_seconds == pytest.approx(1e-3 * setup.angles.size)
+    assert mixed.epoch_seconds == single.epoch_seconds < double.epoch_seconds
+    assert mixed.normal_seconds == double.normal_seconds > single.normal_seconds

@@ -174,7 +174,7 @@ def validate(args: argparse.Namespace) -> str:
     searches = args.searches if args.searches is not None else (0 if args.steps else 3)
     steps = (args.steps or args.max_steps) * (1 + searches)  # as the schedule counts them
     lm_iterations = args.lm_rounds * args.lm_iterations
-    estimated = estimate_time(setup, plan.devices, n_free, plan.precision)
+    estimated = estimate_time(setup, plan.devices, n_free, plan.precision, plan.polish_precision)
     estimate = estimated.describe(steps, searches, lm_iterations)
     lines = [
         f"{args.structure}: {crystal.space_group}, {len(crystal.labels)} atoms in the "

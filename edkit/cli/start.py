@@ -23,7 +23,10 @@ def print_plan(setup: Any, memory_plan: Any, n_free: int, schedule: Any, positio
     lm_iterations = sum(s.size for s in stages_left if s.kind == "lm")
     if left or lm_iterations:
         searches = sum(s.kind == "search" for s in stages_left)
-        estimated = estimate_time(setup, memory_plan.devices, n_free, memory_plan.precision)
+        estimated = estimate_time(
+            setup, memory_plan.devices, n_free, memory_plan.precision,
+            memory_plan.polish_precision,
+        )  # fmt: skip
         print(estimated.describe(left, searches, lm_iterations), flush=True)
 
 

@@ -144,13 +144,18 @@ def _kernel_seconds(
 
 
 def estimate_time(
-    setup: FrameSetup, devices: int = 1, n_free: int = 0, precision: str = "double"
+    setup: FrameSetup,
+    devices: int = 1,
+    n_free: int = 0,
+    precision: str = "double",
+    polish_precision: str | None = None,
 ) -> TimeEstimate:
     """Estimate an epoch, a thickness search and (with ``n_free`` least-squares parameters) a
     least-squares iteration of ``setup`` (a fraction of a second to time), with the frames
-    sharded over ``devices`` devices and the solves in ``precision`` (a refinement's
-    ``memory_plan.devices`` and ``memory_plan.precision``; the search as timed in double, whose
-    solves are single but whose Bethe set-up is not in the timed kernels).
+    sharded over ``devices`` devices, the steps' solves in ``precision`` and the least
+    squares' in ``polish_precision`` (default ``precision``; a refinement's
+    ``memory_plan.devices``, ``.precision`` and ``.polish_precision``; the search as timed in
+    double, whose solves are single but whose Bethe set-up is not in the timed kernels).
 
     The solve size is each bucket's padded beam count, or with segments each bucket's padded
     run size (:class:`~edkit.simulate.segments.SegmentTables`) plus its tails' products; the
@@ -172,15 +177,16 @@ def estimate_time(
         count = len(frames) * n_sub
         search += count * kernels(size)[0]
         solve = size if runs is None else int(runs.sizes[position])
-        eigh, product = kernels(solve, precision == "single")
         # Tails (physics.tails): an (n_o × m)(m × m) product per solve, and per tangent one
         # more m³ product (the eigenvectors' derivative) and another (n_o × m)(m × m).
         tail_ratio = 0.0
         if runs is not None and runs.tail is not None:
             tail_ratio = runs.tail_sizes[position] / solve
-        forward = eigh + tail_ratio * product
         tangent = 2.0 + (1.0 + tail_ratio if tail_ratio else 0.0)
-        epoch += count * forward
+        eigh, product = kernels(solve, precision == "single")
+        epoch += count * (eigh + tail_ratio * product)
+        eigh, product = kernels(solve, (polish_precision or precision) == "single")
+        forward = eigh + tail_ratio * product
         normal += count * (forward + n_free * TANGENT_FACTOR * tangent * product)
         solves += count
     return TimeEstimate(

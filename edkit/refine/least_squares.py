@@ -5,6 +5,7 @@ A mixin so that the refinement's shell stays one readable file; the numerics are
 :mod:`edkit.refine.lm`.
 """
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,28 @@ class StructureLeastSquaresMixin:
         pos_mask, adp_mask = lm.free_masks(self.mapping, self.enabled)
         return int(pos_mask.sum() + adp_mask.sum())
 
+    @property
+    def polish_problem(self: Any) -> Any:
+        """The problem of the least squares and s.u.'s: :attr:`problem` with its solves in
+        ``memory_plan.polish_precision`` (complex128 under ``precision="auto"`` where the
+        steps' solves are complex64 and small: the published numbers come from double)."""
+        problem = self.problem
+        if self.memory_plan.polish_precision == self.memory_plan.precision:
+            return problem
+        kept = getattr(self, "_polish_problem", None)
+        if kept is None or kept[0] is not problem:
+            config = problem.config._replace(solve_dtype=None)  # None: complex128 under x64
+            kept = (problem, dataclasses.replace(problem, config=config))
+            self._polish_problem = kept
+        return kept[1]
+
     # ------------------------------------------------------------------------------ s.u.'s
     def _structure_least_squares(self: Any) -> lm.StructureLeastSquares:
-        if self._least_squares is None:
+        polish = self.polish_problem
+        if self._least_squares is None or self._least_squares.problem is not polish:
             pos_mask, adp_mask = lm.free_masks(self.mapping, self.enabled)
             self._least_squares = lm.StructureLeastSquares(
-                self.problem, pos_mask, adp_mask, progress=self.progress
+                polish, pos_mask, adp_mask, progress=self.progress
             )
         return self._least_squares
 
@@ -146,9 +163,10 @@ class StructureLeastSquaresMixin:
         problem stay the same)."""
         enabled = tuple(sorted(self.enabled.items()))
         solver = self._full_least_squares
-        if solver is None or solver[0] != enabled or solver[1].problem is not self.problem:
+        polish = self.polish_problem
+        if solver is None or solver[0] != enabled or solver[1].problem is not polish:
             layout = self.parameter_layout()
-            solver = (enabled, covariance.FullLeastSquares(self.problem, layout, self.progress))
+            solver = (enabled, covariance.FullLeastSquares(polish, layout, self.progress))
             self._full_least_squares = solver
         return solver[1]
 

@@ -146,8 +146,9 @@ class RefinementOptions:
         cli=None, units="1", help="a loss this many times the best one counts as divergence"))
     precision: Precision = field(default="auto", metadata=_meta(
         cli="--precision", help="complex128 (double) or complex64 (single) Bloch solves; auto: "
-        "single where the largest solve has 400 beams or more (float32 holds the intensities "
-        "there, 1.5x faster; edkit.refine.planner.AUTO_SINGLE_BEAMS), else double"))
+        "single in the gradient steps, and in the least squares and s.u.'s where the largest "
+        "solve has 400 beams or more (edkit.refine.planner.AUTO_SINGLE_BEAMS), else double "
+        "there"))
     devices: int | None = field(default=None, metadata=_meta(
         cli="--devices", none="every local device the memory budget allows (on CPU one per "
         "core, edkit.cores)", help="shard frames over N devices (on CPU: N host devices)"))

@@ -72,11 +72,13 @@ def available_memory() -> float:
     return available
 
 
-#: ``precision="auto"`` (the default) solves in single precision (complex64) where the largest
-#: solve has this many beams or more, in double below. Measured 2026-12-05 (idle 2-core CPU,
+#: ``precision="auto"`` (the default) takes the gradient steps with single-precision
+#: (complex64) solves, and the least squares and s.u.'s too where the largest solve has this many
+#: beams or more (in double below, where they are cheap). Measured 2026-12-05 (idle 2-core CPU,
 #: ``benchmarks/large.py --case cspbbr3 --frames 6 --methods real,real-single``, 827 beams per
 #: solve): an epoch 37.5 s against 54.7 s (1.46×), peak 2.4 GB against 3.5 GB, and the scored
-#: intensities within 0.0005 % (Σ|ΔI|/ΣI) of double's. Small solves gain less and are cheap.
+#: intensities within 0.0005 % (Σ|ΔI|/ΣI) of double's; real quartz (56 beams): an epoch 1.000 s
+#: against 1.252 s (2026-12-06).
 AUTO_SINGLE_BEAMS = 400
 
 
@@ -91,8 +93,10 @@ class MemoryPlan:
       batch_bytes: transient working set of one solved batch. peak_bytes: the estimated
       whole-process peak of a step. n_chunks: chunks per step. largest: (n, n_w, n_s) of the
       largest bucket. fused: every chunk in one compiled program (small problems).
-      devices: devices each chunk's frames are sharded over. precision: the solves' precision
-      chosen ("double" or "single"; see :data:`AUTO_SINGLE_BEAMS` for "auto").
+      devices: devices each chunk's frames are sharded over. precision: the gradient steps'
+      solves ("double" or "single"; see :data:`AUTO_SINGLE_BEAMS` for "auto").
+      polish_precision: the least squares' and s.u.'s solves (the memory is planned for them,
+        never below the steps').
     """
 
     chunk_frames: int
@@ -107,6 +111,7 @@ class MemoryPlan:
     fused: bool = False
     devices: int = 1
     precision: str = "double"
+    polish_precision: str = "double"
 
     def describe(self) -> str:
         """One line for logs and reports."""
@@ -116,6 +121,8 @@ class MemoryPlan:
             mode += f", sharded over {self.devices} devices"
         if self.precision == "single":
             mode += ", complex64 solves"
+            if self.polish_precision == "double":
+                mode += " (complex128 in least squares)"
         return (
             f"memory plan: {self.chunk_frames} frame(s) per chunk ({self.n_chunks} chunks, "
             f"{mode}), "
@@ -234,8 +241,8 @@ def plan_for_devices(
     Args:
       setup: the frame set-up (beam counts per bucket).
       n_t: thickness nodes per frame.
-      precision: "double" or "single" solves, or "auto": single where the largest solve has
-        :data:`AUTO_SINGLE_BEAMS` beams or more, else double.
+      precision: "double" or "single" solves, or "auto": single in the gradient steps, and in
+        the least squares where the largest solve has :data:`AUTO_SINGLE_BEAMS` beams or more.
       remat, chunk_frames: fixed choices, or None to choose.
       batch_size: frames vectorised together.
       memory_limit: the budget, bytes; None: ``DEFAULT_FRACTION`` of :func:`available_memory`.
@@ -262,6 +269,7 @@ def plan_for_devices(
     )
     _, n, n_w = layout[largest_index]
     n_w = int(n_w or 0)
+    # Memory for the least squares' precision (never below the steps'): single only there.
     single = precision == "single" or (precision == "auto" and n >= AUTO_SINGLE_BEAMS)
 
     def per_frame(choice: Remat, frames: int) -> tuple[float, float]:
@@ -317,7 +325,8 @@ def plan_for_devices(
         chunk_frames=int(c), remat=choice, budget_bytes=budget, fixed_bytes=fixed,
         frame_bytes=kept + batch / max(1, min(batch_size, c)), batch_bytes=batch,
         peak_bytes=peak, n_chunks=int(n_chunks), largest=(int(n), n_w, n_sub), fused=fused,
-        devices=int(devices), precision="single" if single else "double",
+        devices=int(devices), precision="double" if precision == "double" else "single",
+        polish_precision="single" if single else "double",
     )  # fmt: skip
     if peak > budget:
         raise EdkitError(
