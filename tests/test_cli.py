@@ -172,6 +172,36 @@ def test_a_run_that_diverged_and_did_not_improve_exits_3(monkeypatch, tmp_path, 
         assert ("exit code 3" in err) == (code == 3)
 
 
+def test_demo_refines_the_bundled_quartz(monkeypatch, tmp_path, capsys) -> None:
+    """``edkit demo`` (the README's main command; it has no --data flag) reaches the refinement
+    with the bundled files and every 3rd frame (the refinement replaced by a finished report)."""
+    import edkit.cli as cli
+
+    seen = {}
+    report = {key: 0.1 for key in REPORT_KEYS} | {"n_obs": 1, "n_all": 2, "stages": []}
+
+    def finished(args):
+        seen.update(vars(args))
+        return {**report, "divergences": 0, "improved": True}, tmp_path
+
+    monkeypatch.setattr(cli, "_refine", finished)
+    assert cli.main(["demo", "--quiet"]) == 0
+    assert seen["structure"].name == "quartz_kinematical.cif" and seen["structure"].is_file()
+    assert seen["data"].name == "quartz_experimental.cif_pets" and seen["data"].is_file()
+    assert seen["every"] == 3
+    assert "edkit demo: quartz_kinematical.cif against" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # ≈ 35 s: two Adam steps on 3 frames, the outputs
+def test_demo_runs_end_to_end(tmp_path, capsys) -> None:
+    out = tmp_path / "demo"
+    argv = ["demo", "--steps", "2", "--every", "33", "--lm-rounds", "0", "--out", str(out)]
+    assert main(argv) == 0
+    assert read_cif(out / "refined.cif").labels
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] >= 2 and 0 < report["r_obs"] < 0.2
+
+
 @pytest.mark.slow  # 67 s, two refinements; hand statistics: test_absolute_structure.py
 def test_absolute_structure_flag(files, tmp_path) -> None:
     out = tmp_path / "out"

@@ -273,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.data = data
                 print(validate(args))
             return 0
-        if isinstance(args.data, list) and len(args.data) == 1:
-            args.data = args.data[0]  # one dataset: the ordinary refinement
+        data = getattr(args, "data", None)  # edkit demo has no --data: it brings its own
+        if isinstance(data, list) and len(data) == 1:
+            args.data = data[0]  # one dataset: the ordinary refinement
     except (EdkitError, OSError) as error:
         print(f"edkit: error: {error}", file=sys.stderr)
         return 2
