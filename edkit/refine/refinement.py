@@ -335,7 +335,8 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
                 self.stop_reason = f"stopped from outside at step {self.step_count}"
                 break
             settle = sum(since <= r["step"] < self.settled_step for r in self._records)
-            reason = rule.reason(self._selection_losses(since), settle) if rule else None
+            losses, validation = self._selection_losses(since), bool(self.validation_mask.any())
+            reason = rule.reason(losses, settle, validation=validation) if rule else None
             if reason is not None:
                 self.stop_reason = f"step {self.step_count}: {reason}"
                 self.messages.append(self.stop_reason)
