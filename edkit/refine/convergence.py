@@ -14,9 +14,8 @@ the loss still moves (Adam's transient bumps: the last ``window`` losses spread 
 ``spread`` of their lowest) is not a plateau, and the stage goes on: on the real quartz demo
 both stages that a new thickness start began were stopped in such a bump, 4–6 % above their
 best and before they came back to the earlier best (2026-12-06). The test reads only the
-refinement's
-recorded losses (and the warm-up's steps), so a run resumed from a checkpoint stops at the same
-step as an uninterrupted one.
+refinement's recorded losses (and the warm-up's steps), so a run resumed from a checkpoint
+stops at the same step as an uninterrupted one.
 """
 
 import math

@@ -77,8 +77,8 @@ def available_memory() -> float:
 #: beams or more (in double below, where they are cheap). Measured 2026-12-05 (idle 2-core CPU,
 #: ``benchmarks/large.py --case cspbbr3 --frames 6 --methods real,real-single``, 827 beams per
 #: solve): an epoch 37.5 s against 54.7 s (1.46×), peak 2.4 GB against 3.5 GB, and the scored
-#: intensities within 0.0005 % (Σ|ΔI|/ΣI) of double's; real quartz (56 beams): an epoch 1.000 s
-#: against 1.252 s (2026-12-06).
+#: intensities within 0.0005 % (Σ|ΔI|/ΣI) of double's; real quartz (56 beams,
+#: ``benchmarks/refine.py --methods shared,shared-double``, 2026-12-06): 0.989 s against 1.218 s.
 AUTO_SINGLE_BEAMS = 400
 
 
@@ -269,7 +269,7 @@ def plan_for_devices(
     )
     _, n, n_w = layout[largest_index]
     n_w = int(n_w or 0)
-    # Memory for the least squares' precision (never below the steps'): single only there.
+    # The memory is planned for the least squares' solves: double unless they too are single.
     single = precision == "single" or (precision == "auto" and n >= AUTO_SINGLE_BEAMS)
 
     def per_frame(choice: Remat, frames: int) -> tuple[float, float]:
