@@ -242,7 +242,8 @@ def _parser() -> argparse.ArgumentParser:
             help="read options from a TOML file (edkit config writes a template); flags "
             "given here win (default: none)",
         )  # fmt: skip
-    demo.set_defaults(every=3)
+    # The demo brings its own files (main sets them); the fields exist as for refine.
+    demo.set_defaults(every=3, structure=None, data=None)
     commands.add_parser(
         "config", help="print a commented TOML template of every refine option and its default"
     )
@@ -273,9 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.data = data
                 print(validate(args))
             return 0
-        data = getattr(args, "data", None)  # edkit demo has no --data: it brings its own
-        if isinstance(data, list) and len(data) == 1:
-            args.data = data[0]  # one dataset: the ordinary refinement
+        if isinstance(args.data, list) and len(args.data) == 1:
+            args.data = args.data[0]  # one dataset: the ordinary refinement
     except (EdkitError, OSError) as error:
         print(f"edkit: error: {error}", file=sys.stderr)
         return 2
