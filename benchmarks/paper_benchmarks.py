@@ -18,7 +18,7 @@ the mean per-frame R_obs, the steps, why Adam stopped, and the time.
 
 Run: ``python benchmarks/paper_benchmarks.py [--every 5] [--levels 01 02 03]
 [--modes plain compat clean] [--max-steps 300] [--cycles 1] [--thickness-spread F]
-[--kinematic-start] [--json out.json]``.
+[--kinematic-start [auto|on|off]] [--json out.json]``.
 """
 
 import argparse
@@ -189,15 +189,19 @@ def main() -> None:
     )
     parser.add_argument(
         "--kinematic-start",
-        action="store_true",
-        help="fit the positions kinematically and choose an overall U first (kinematic_start)",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="fit the positions kinematically and choose an overall U first (kinematic_start): "
+        "auto (edkit's default since 2026-12-06: where the start fits the thickness search at "
+        "R_obs above 30 %%), on (the bare flag), off (the default before)",
     )
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     extra = {} if args.thickness_spread is None else {"thickness_spread": args.thickness_spread}
-    if args.kinematic_start:
-        extra["kinematic_start"] = True
+    extra["kinematic_start"] = {"auto": "auto", "on": True, "off": False}[args.kinematic_start]
     truth = edkit.read_cif(edkit.example_file("quartz_kinematical.cif"))
     paper = edkit.read_pets(edkit.example_file("quartz_synthetic.cif_pets"))
     law = generator_law(paper, truth)

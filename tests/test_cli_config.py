@@ -69,6 +69,7 @@ def test_config_values_apply_and_flags_win(tmp_path, files) -> None:
         f'structure = "{files["structure"]}"\ndata = "{files["data"]}"\n'
         'g_max = 1.0\nn_sub = 5\nrefine = ["positions", "thickness"]\nevery = 33\n'
         'memory_limit = "6G"\nrestraints = ["DFIX 1.61 Si1 O1", "RIGU"]\n'
+        "kinematic_start = false\n"
     )
     parser = _parser()
     args = parser.parse_args(["refine", "--config", str(path), "--g-max", "1.2"])
@@ -78,6 +79,7 @@ def test_config_values_apply_and_flags_win(tmp_path, files) -> None:
     assert options["n_sub"] == 5 and options["refine"] == ("positions", "thickness")
     assert options["memory_limit"] == 6e9
     assert options["restraints"] == ("DFIX 1.61 Si1 O1", "RIGU")
+    assert options["kinematic_start"] is False
     flagged = parser.parse_args(["refine", "--restrain", "SIMU", "--restrain", "RIGU 0.01"])
     assert options_of(flagged)["restraints"] == ("SIMU", "RIGU 0.01")
     assert args.every == 33 and args.structure == str(files["structure"])
@@ -92,6 +94,8 @@ def test_config_values_apply_and_flags_win(tmp_path, files) -> None:
         ("g_max = \n", r"refine.toml: not valid TOML: .*line 1"),
         ("quiet = 1\n", r"quiet = 1: expected true or false"),
         ("restraints = [1.6]\n", r"restraints = \[1.6\]: expected a list of instructions"),
+        ('kinematic_start = "yes"\n', r"line 1: kinematic_start = 'yes': expected true, false"),
+        ("segment_tails = 1\n", r"segment_tails = 1: expected true, false$"),
     ],
 )
 def test_bad_configs_name_the_file_key_and_line(tmp_path, text, message) -> None:

@@ -181,7 +181,8 @@ def test_every_flag_kept(capsys, monkeypatch) -> None:
         "--structure --data --out --steps --thickness --absorption --refine-absorption --g-max "
         "--sg-max --sg-weak --bethe-terms --low-memory --refine --n-sub --seed --every --devices "
         "--precision --lm-rounds --lm-iterations --polish-steps --quiet --memory-limit "
-        "--chunk-frames --max-steps --warmup-steps --structure-delay --checkpoint-every --resume"
+        "--chunk-frames --max-steps --warmup-steps --structure-delay --checkpoint-every --resume "
+        "--kinematic-start --no-kinematic-start"
     ).split()
     for flag in flags:
         assert f" {flag}" in text, flag
@@ -209,6 +210,9 @@ def test_flags_to_refinement_keywords() -> None:
         "g_max": 1.2, "precision": "single", "n_sub": 5,
     }  # fmt: skip
     assert options_of(_args("--absorption", "0.1"))["absorption"] == 0.1
+    # the kinematical start: "auto" unless a flag says always or never
+    assert options_of(_args("--kinematic-start")) == {"kinematic_start": True}
+    assert options_of(_args("--no-kinematic-start")) == {"kinematic_start": False}
 
 
 @pytest.mark.parametrize(

@@ -26,11 +26,12 @@ PATH_KEYS = ("structure", "data", "out")
 
 
 def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {
-        action.dest: action
-        for action in parser._actions
-        if action.dest not in NOT_IN_CONFIG and action.option_strings
-    }
+    """Each key's action: the first flag of its dest (``--kinematic-start``, not ``--no-…``)."""
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if action.dest not in NOT_IN_CONFIG and action.option_strings:
+            actions.setdefault(action.dest, action)
+    return actions
 
 
 def _line_of(text: str, key: str) -> str:
@@ -76,6 +77,12 @@ def _converted(key: str, value: Any, action: argparse.Action, where: str, folder
     if isinstance(action, argparse._StoreTrueAction):
         if not isinstance(value, bool):
             raise EdkitError(f"{where}: {key} = {value!r}: expected true or false")
+        return value
+    if isinstance(action, argparse._StoreConstAction) and isinstance(action.const, bool):
+        allowed = [True, False] + ([] if isinstance(action.default, bool) else [action.default])
+        if not any(value is v or (isinstance(v, str) and value == v) for v in allowed):
+            shown = ", ".join(f'"{v}"' if isinstance(v, str) else str(v).lower() for v in allowed)
+            raise EdkitError(f"{where}: {key} = {value!r}: expected {shown}")
         return value
     if key == "refine":
         if isinstance(value, str):

@@ -85,6 +85,11 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
             if "bare" in meta:
                 kwargs.update(nargs="?", const=meta["bare"])
         parser.add_argument(meta["cli"], **kwargs)
+        if "negated" in meta:  # the same option off, where its default is neither on nor off
+            parser.add_argument(
+                meta["negated"], dest=option.name, action="store_const", const=False,
+                help=f"{meta['negated_help']} (default: see {meta['cli']})",
+            )  # fmt: skip
 
 
 def add_refine_options(parser: argparse.ArgumentParser) -> None:

@@ -38,7 +38,10 @@ Measured on the paper's synthetic quartz from ``quartz_displaced_03.cif``: on al
 positions go from 0.31 and 0.26 Å off the truth to 0.006 and 0.018 Å, and the search's
 thickness is then within 10 % of quartz.cif's on every frame (at most 8.3 %; none before), in
 28 s. A start that is already a kinematical refinement gains nothing (the fit moves it by the
-kinematical bias, ≈ 0.02 Å): the option is for far-off models.
+kinematical bias, ≈ 0.02 Å): the start is for far-off models, and by default
+(``kinematic_start="auto"``) a refinement makes it only where the given model fits its first
+thickness search at a mean per-frame R_obs above :data:`FAR_OFF_R` (:func:`far_off_r`), then
+sets up again from it.
 """
 
 import math
@@ -89,6 +92,13 @@ U_GRID = (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.03)
 SEARCH_FRAMES = 8
 #: The position fit's isotropic U of each atom lies in [0, U_MAX], Å².
 U_MAX = 0.2
+#: ``kinematic_start="auto"`` (the default) makes the start where the given model's thickness
+#: search fits at a mean per-frame R_obs above this. Why 30 %: measured with the default search,
+#: refined or kinematical models fit at 6.8–7.6 % (real quartz), 15–16 % (the synthetic quartz,
+#: made with other ADPs) and 12.7 % (albite); the paper's far-off starts at 18.5–27.7 %
+#: (``_01``), 43.5 % (``_02``) and 54–62 % (``_03``, real and synthetic data), where the start
+#: is what finds the thickness (README, *Thickness search*).
+FAR_OFF_R = 0.30
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,9 @@ class KinematicStart:
     start_adp_r: float
     candidate_r: tuple[float, ...] = ()
     given_r: float = math.nan
+    #: With ``kinematic_start="auto"``: the given model's mean per-frame R_obs in the
+    #: refinement's thickness search, which made the start (NaN: asked for).
+    far_off_r: float = math.nan
 
     def describe(self) -> str:
         """One line for a refinement's messages."""
@@ -123,10 +136,17 @@ class KinematicStart:
             if math.isnan(self.u_overall)
             else f"every atom isotropic at U = {self.u_overall:.4f} Å² (the search's best)"
         )
+        why = (
+            ""
+            if math.isnan(self.far_off_r)
+            else f" (the given model fitted the thickness search at a mean per-frame R_obs of "
+            f"{100 * self.far_off_r:.1f} %, above {100 * FAR_OFF_R:g} %)"
+        )
         if not self.candidate_r:
-            return f"kinematical start: too few reflections for a fit, positions kept; {adp}"
+            return f"kinematical start{why}: too few reflections for a fit, positions kept; {adp}"
         return (
-            f"kinematical start: positions moved {np.max(self.shift, initial=0.0):.3f} Å at most "
+            f"kinematical start{why}: positions moved {np.max(self.shift, initial=0.0):.3f} Å "
+            "at most "
             f"(kinematical R {100 * self.r_kinematic[0]:.1f} → {100 * self.r_kinematic[1]:.1f} "
             f"%; the best by the thickness search of {len(self.candidate_r)} kinematical "
             f"minima and the given positions); {adp}"
@@ -323,11 +343,24 @@ def choose_overall_u(
 def refuse_several_datasets(opts: RefinementOptions) -> None:
     """A joint refinement cannot take ``kinematic_start``: each dataset would fit a start of
     its own. Raises :class:`EdkitError` naming what to do instead."""
-    if opts.kinematic_start:
+    if opts.kinematic_start is True:  # "auto" is simply off for a joint refinement
         raise EdkitError(
             "kinematic_start fits one dataset; pass the crystal of edkit.refine.kinematic."
             "kinematic_start(crystal, dataset) instead"
         )
+
+
+def far_off_r(search: xr.Dataset | None, opts: RefinementOptions) -> float | None:
+    """The mean per-frame R_obs of a refinement's first thickness search where it asks for a
+    kinematical start (``kinematic_start="auto"`` and above :data:`FAR_OFF_R`), else None.
+    ``search``: the refinement's ``thickness_search_result`` (None: the thickness was given)."""
+    if opts.kinematic_start != "auto" or search is None:
+        return None
+    best = np.asarray(search["r_obs_best"].values, dtype=np.float64)
+    if not np.isfinite(best).any():  # no frame scored: nothing to judge by
+        return None
+    mean = float(np.nanmean(best))
+    return mean if mean > FAR_OFF_R else None
 
 
 def kinematic_start(
@@ -335,6 +368,7 @@ def kinematic_start(
     dataset: xr.Dataset,
     opts: RefinementOptions | None = None,
     progress: bool | None = None,
+    far_off_r: float = math.nan,
 ) -> KinematicStart:
     """A start for a dynamical refinement from a far-off model (module docstring): positions
     fitted to |F|², the minimum and an overall U (or the start's ADPs) chosen by the thickness
@@ -345,6 +379,8 @@ def kinematic_start(
       dataset: from :func:`edkit.read_pets`.
       opts: the refinement's options (beams, thickness grid); default: the defaults.
       progress: a bar over the fit and the searches (None: where someone watches).
+      far_off_r: what made it (``kinematic_start="auto"``): the given model's mean per-frame
+        R_obs in the refinement's search; kept in the result for its description.
 
     Raises:
       EdkitError: a dataset without usable observations.
@@ -376,5 +412,5 @@ def kinematic_start(
         bar.update(max(0, total - bar.n))
     return KinematicStart(
         chosen, _distances(moved, crystal), (r_start, r_kinematic), u, search_r, start_r,
-        tuple(probe_r), given_r,
+        tuple(probe_r), given_r, far_off_r,
     )  # fmt: skip

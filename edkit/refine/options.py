@@ -29,6 +29,8 @@ Precision = Literal["auto", "double", "single"]
 #: Gradient memory: False keeps every intermediate, "eigensystems" only the eigendecompositions,
 #: True recomputes each frame in the backward pass, None lets the memory planner choose.
 Remat = bool | Literal["eigensystems"] | None
+#: The kinematical start: always, never, or "auto" (where the given model fits the search badly).
+KinematicChoice = bool | Literal["auto"]
 
 #: Adam step sizes in each group's own units: Å, Å², 1, radians, 1 (κ), network units.
 DEFAULT_LEARNING_RATES: dict[str, float] = {
@@ -100,11 +102,13 @@ class RefinementOptions:
         cli="--segment-tails", flag=True,
         help="with --segments: add the first-order tails of the frame's other beams to each "
         "run (and solve the beams they resonate with): closer to the frame solve, costlier"))
-    kinematic_start: bool = field(default=False, metadata=_meta(
-        cli="--kinematic-start", flag=True,
+    kinematic_start: KinematicChoice = field(default="auto", metadata=_meta(
+        cli="--kinematic-start", flag=True, negated="--no-kinematic-start",
+        negated_help="no kinematical start, even from a far-off model",
         help="from a far-off model: fit the positions to |F|² and choose one overall U by the "
-        "thickness search before anything else (edkit.refine.kinematic); not for a start that is "
-        "already refined"))
+        "thickness search before anything else (edkit.refine.kinematic); auto: only where the "
+        "given model's thickness search fits at a mean per-frame R_obs above "
+        "edkit.refine.kinematic.FAR_OFF_R (30 %)"))
     tilt_weights: tuple[float, ...] | None = field(default=None, metadata=_meta(
         cli=None, units="1", none="uniform (each sub-orientation its slice of the rocking range)",
         help="relative weights of a frame's n_sub sub-orientations, shared by every frame "
@@ -273,7 +277,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "n_sub": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer ≥ 1 or None"),
     "segments": (lambda v: _is_int(v) and v >= 1, "an integer ≥ 1"),
     "segment_tails": (lambda v: isinstance(v, bool), "True or False"),
-    "kinematic_start": (lambda v: isinstance(v, bool), "True or False"),
+    "kinematic_start": (lambda v: isinstance(v, bool) or v == "auto", "True, False or 'auto'"),
     "tilt_weights": (
         lambda v: v is None or (isinstance(v, tuple) and len(v) >= 1
                                 and all(_is_real(w) and w >= 0 for w in v) and sum(v) > 0),

@@ -99,7 +99,7 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
     start_spread_losses: dict[float, float]
     #: Bars for set-up, search and least squares (None: where someone watches; also on load).
     progress: bool | None = None
-    #: What ``kinematic_start=True`` did (:mod:`edkit.refine.kinematic`); None without it.
+    #: What the kinematical start did (:mod:`edkit.refine.kinematic`); None without one.
     kinematic_start: KinematicStart | None = None
     #: Each cycle's :meth:`report` when made by :func:`edkit.refine.cycles.refine_in_cycles`.
     cycle_reports: list[dict[str, Any]] | None = None
@@ -120,12 +120,17 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
             options["memory_limit"] = parse_memory(options["memory_limit"])
         self.progress = progress
         opts = options_from(**options)
-        if opts.kinematic_start:
+        if opts.kinematic_start is True:
             check_inputs(crystal, dataset)  # before the fit: a clear error, not a bad fit
             check_observations(dataset)
             self.kinematic_start = kinematic.kinematic_start(crystal, dataset, opts, progress)
-            crystal = self.kinematic_start.crystal
-        self._set_up(crystal, dataset, opts, None)
+        start = self.kinematic_start
+        self._set_up(crystal if start is None else start.crystal, dataset, opts, None)
+        far_off_r = kinematic.far_off_r(self.thickness_search_result, opts)
+        if far_off_r is not None:  # "auto": the given model fits its own search badly
+            start = kinematic.kinematic_start(crystal, dataset, opts, progress, far_off_r)
+            self.kinematic_start = start
+            self._set_up(start.crystal, dataset, opts, None)
         if self.kinematic_start is not None:
             self.messages.insert(0, self.kinematic_start.describe())
 
@@ -246,11 +251,8 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
             return self._diverged(loss, finite)
         record = self._record(loss, val, i_calc)
         if selection_loss < self.best_loss:
-            self.best_loss, self.best_state, self.best_step = (
-                selection_loss,
-                self.state,
-                self.step_count,
-            )
+            self.best_loss, self.best_state = selection_loss, self.state
+            self.best_step = self.step_count
             # The step's I_calc is that of the state it started from: a run that ends on its
             # best state reports it without another forward pass.
             self.remember_i_calc(self.state, i_calc)
@@ -259,8 +261,7 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
         return record
 
     def _diverged(self, loss: float, finite: bool) -> dict[str, float]:
-        gradient = finite is False and math.isfinite(loss)
-        what = "had a non-finite gradient" if gradient else "diverged"
+        what = "had a non-finite gradient" if not finite and math.isfinite(loss) else "diverged"
         message = (
             f"step {self.step_count}: the refinement {what} (loss {loss:.4g}, best "
             f"{self.best_loss:.4g} at step {self.best_step}); returned to the best state and "
