@@ -94,10 +94,11 @@ SEARCH_FRAMES = 8
 U_MAX = 0.2
 #: ``kinematic_start="auto"`` (the default) makes the start where the given model's thickness
 #: search fits at a mean per-frame R_obs above this. Why 30 %: measured with the default search,
-#: refined or kinematical models fit at 6.8–7.6 % (real quartz), 15–16 % (the synthetic quartz,
-#: made with other ADPs) and 12.7 % (albite); the paper's far-off starts at 18.5–27.7 %
-#: (``_01``), 43.5 % (``_02``) and 54–62 % (``_03``, real and synthetic data), where the start
-#: is what finds the thickness (README, *Thickness search*).
+#: refined or kinematical models fit at 6.8–7.6 % (real quartz), 15–16 % (the paper's synthetic
+#: quartz, whose generator's numerics no edkit model fits better than 13 %), 12.7 % (albite) and
+#: 26 % (glycine, the nearest); the paper's far-off starts at 18.5–27.7 % (``_01``), 43.5 %
+#: (``_02``) and 54–62 % (``_03``, real and synthetic data), where the start is what finds the
+#: thickness (README, *Thickness search*).
 FAR_OFF_R = 0.30
 
 
