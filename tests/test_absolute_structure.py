@@ -6,6 +6,7 @@ import pytest
 
 import edkit
 from edkit.physics.structure import structure_factors_of, structure_params, structure_tables
+from edkit.refine import absolute
 from edkit.refine.absolute import (
     absolute_structure,
     compare_hands,
@@ -64,3 +65,28 @@ def test_real_quartz_tells_its_hand(data_dir) -> None:
     assert swapped.z_score == pytest.approx(-hands.z_score)
     record = hands.as_dict()
     assert set(record) >= {"z_score", "r_obs_given", "r_obs_inverted", "preferred"}
+
+
+def test_both_hands_refine_from_one_kinematical_start(data_dir, monkeypatch) -> None:
+    """The inverted hand starts from the inverse of the start the given hand had (its
+    kinematical start, where one was made) and makes none of its own: a far-off model's two
+    hands are then each other's inverse. Refinement and the comparison are stubbed."""
+    crystal = edkit.read_cif(data_dir / "structures" / "quartz_displaced_03.cif")
+    fitted = edkit.read_cif(data_dir / "structures" / "quartz.cif")  # stands for the start's fit
+    made: list[tuple[object, dict]] = []
+
+    class Stub:
+        def __init__(self, start, dataset, progress=None, **options) -> None:
+            made.append((start, options))
+            self.start_crystal = fitted if options.get("kinematic_start", "auto") else start
+
+        def fit(self, **_) -> None:
+            pass
+
+    monkeypatch.setattr(absolute, "Refinement", Stub)
+    monkeypatch.setattr(absolute, "compare_hands", lambda given, inverted: (given, inverted))
+    absolute_structure(crystal, None, g_max=1.0)
+    (first, given_options), (second, inverted_options) = made
+    assert first is crystal and given_options == {"g_max": 1.0}
+    assert inverted_options == {"g_max": 1.0, "kinematic_start": False}
+    np.testing.assert_allclose(second.fract, inverted_crystal(fitted).fract)

@@ -50,8 +50,12 @@ def test_split_dataset_with_per_frame_thickness_is_the_single_refinement(data_di
     frames, parts = halves
     start = read_cif(data_dir / "structures" / "quartz_displaced_03.cif")
     options = dict(g_max=1.0, n_sub=4, thickness="per-frame", structure_delay=0)
-    single = Refinement(start, frames, **options)
+    # From this far-off start a single refinement would make the kinematical start ("auto");
+    # a joint one makes none, in no member: both start from the given structure.
+    single = Refinement(start, frames, kinematic_start=False, **options)
     joint = JointRefinement(start, parts, names=["odd", "even"], **options)
+    assert all(member.kinematic_start is None for member in joint.members)
+    assert joint.options.kinematic_start is False
     for member in joint.members:
         _start_as(single, member)
     single.run(12, progress=False)

@@ -22,9 +22,9 @@ from edkit.refine.kinematic import (
     U_GRID,
     KinematicStart,
     far_off_r,
+    joint_member_options,
     kinematic_start,
     position_candidates,
-    refuse_several_datasets,
 )
 from edkit.refine.options import RefinementOptions, options_from
 
@@ -161,8 +161,8 @@ def test_bad_uses_are_refused(far, synthetic) -> None:
     dataset = select_frames(synthetic, slice(0, 2))
     with pytest.raises(EdkitError, match="kinematic_start fits one dataset"):
         edkit.Refinement(far, [dataset, dataset], kinematic_start=True, progress=False)
-    refuse_several_datasets(options_from())  # "auto" is off for a joint refinement
-    refuse_several_datasets(options_from(kinematic_start=False))
+    for given in ({}, {"kinematic_start": "auto"}, {"kinematic_start": False}):
+        assert joint_member_options(given) == {"kinematic_start": False}  # off for a joint one
     empty = dataset.assign(sigma=("refl", np.zeros(dataset.sizes["refl"])))
     with pytest.raises(EdkitError, match="sigma"):
         kinematic_start(far, empty)

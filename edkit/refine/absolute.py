@@ -139,9 +139,13 @@ def absolute_structure(
       progress: progress bars (see :class:`Refinement`).
       **options: :class:`~edkit.refine.options.RefinementOptions` fields, the same for both.
     """
-    refined = []
-    for start in (crystal, inverted_crystal(crystal)):
-        refinement = Refinement(start, dataset, progress=progress, **options)
+    refined: list[Refinement] = []
+    for hand in ("given", "inverted"):
+        # The inverse of the start the given hand had: a kinematical start (made where the
+        # model is far off, "auto") is made once, and both hands refine from it.
+        start = crystal if hand == "given" else inverted_crystal(refined[0].start_crystal)
+        own = options if hand == "given" else {**options, "kinematic_start": False}
+        refinement = Refinement(start, dataset, progress=progress, **own)
         refinement.fit(**{"progress": bool(progress), **(fit or {})})
         refined.append(refinement)
     return compare_hands(*refined)

@@ -96,8 +96,8 @@ class JointRefinement:
                 f"JointRefinement needs two or more datasets, got {len(datasets)} "
                 "(use edkit.Refinement for one)"
             )
+        options = kinematic.joint_member_options(options)
         opts = options_from(**options)
-        kinematic.refuse_several_datasets(opts)
         if opts.objective != "jana":
             raise EdkitError(f"a joint refinement needs objective='jana', not {opts.objective!r}")
         self.names = [

@@ -341,14 +341,16 @@ def choose_overall_u(
     return _with_overall_u(crystal, u), u, search_r, start_r
 
 
-def refuse_several_datasets(opts: RefinementOptions) -> None:
-    """A joint refinement cannot take ``kinematic_start``: each dataset would fit a start of
-    its own. Raises :class:`EdkitError` naming what to do instead."""
-    if opts.kinematic_start is True:  # "auto" is simply off for a joint refinement
+def joint_member_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options of a joint refinement's members: no kinematical start in any of them, each
+    dataset would fit a start of its own ("auto" is off there). Raises :class:`EdkitError`
+    for ``kinematic_start=True``, naming what to do instead."""
+    if options.get("kinematic_start") is True:
         raise EdkitError(
             "kinematic_start fits one dataset; pass the crystal of edkit.refine.kinematic."
             "kinematic_start(crystal, dataset) instead"
         )
+    return {**options, "kinematic_start": False}
 
 
 def far_off_r(search: xr.Dataset | None, opts: RefinementOptions) -> float | None:
