@@ -81,10 +81,9 @@ def test_a_far_start_finds_every_frames_thickness(far, truth, synthetic, data_di
     """Issue 12's check, with the defaults: from quartz_displaced_03.cif the refinement's
     thickness search fits badly (R_obs 62 %), so the kinematical start is made ("auto"), and
     every frame's thickness from the refinement's search is then within 10 % of the one
-    quartz.cif's refinement finds (measured: at most 8.3 % in the search of this test's first
-    version); without it, none is (40–77 % off; tests/test_thickness_search.py). The positions
-    come within 0.03 Å of the truth (measured 0.006 and 0.018 Å), and the right minimum fits
-    the search clearly best."""
+    quartz.cif's refinement finds (measured: at most 8.3 %); without it, none is (40–77 % off;
+    tests/test_thickness_search.py). The positions come within 0.03 Å of the truth (measured
+    0.006 and 0.018 Å), and the right minimum fits the search clearly best."""
     reference = edkit.Refinement(read_cif(data_dir / "structures" / "quartz.cif"), synthetic,
                                  progress=False)  # fmt: skip
     assert reference.kinematic_start is None  # R_obs 16 %: no start

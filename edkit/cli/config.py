@@ -79,10 +79,10 @@ def _converted(key: str, value: Any, action: argparse.Action, where: str, folder
             raise EdkitError(f"{where}: {key} = {value!r}: expected true or false")
         return value
     if isinstance(action, argparse._StoreConstAction) and isinstance(action.const, bool):
-        allowed = [True, False] + ([] if isinstance(action.default, bool) else [action.default])
-        if not any(value is v or (isinstance(v, str) and value == v) for v in allowed):
-            shown = ", ".join(f'"{v}"' if isinstance(v, str) else str(v).lower() for v in allowed)
-            raise EdkitError(f"{where}: {key} = {value!r}: expected {shown}")
+        named = action.default if isinstance(action.default, str) else None  # e.g. "auto"
+        if not (isinstance(value, bool) or (named is not None and value == named)):
+            also = "" if named is None else f', "{named}"'
+            raise EdkitError(f"{where}: {key} = {value!r}: expected true, false{also}")
         return value
     if key == "refine":
         if isinstance(value, str):
