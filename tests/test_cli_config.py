@@ -116,5 +116,9 @@ def test_validate_reports_beams_memory_and_time_without_refining(files, tmp_path
     assert "an Adam step ≈" in stdout and stdout.rstrip().endswith("would start")
     assert "a least-squares iteration (" in stdout and "iteration(s), the s.u.'s ≈" in stdout
     assert not (tmp_path / "out").exists()  # nothing written
+    assert "kinematical start: made if the model fits the first thickness search" in stdout
+    for flag, says in (("--kinematic-start", "made before"), ("--no-kinematic-start", "none")):
+        code, stdout, stderr = _run([*argv, "--every", "10", flag])
+        assert code == 0 and f"kinematical start: {says}" in stdout, stderr
     code, _, stderr = _run([*argv[:3], "--data", str(tmp_path / "missing.cif_pets")])
     assert code == 2 and "missing.cif_pets: no such file" in stderr

@@ -15,7 +15,7 @@ from edkit.errors import EdkitError
 from edkit.io.cif import read_cif
 from edkit.io.pets import read_pets, select_frames
 from edkit.physics.structure import structure_factors_of, structure_params, structure_tables
-from edkit.refine import kinematic
+from edkit.refine import kinematic, prepare
 from edkit.refine.kinematic import (
     CANDIDATES,
     FAR_OFF_R,
@@ -130,7 +130,9 @@ def test_a_far_off_model_gets_the_start_by_default(far, truth, synthetic) -> Non
 )
 def test_the_choice_is_kept(choice, model, made, far, truth, synthetic, monkeypatch) -> None:
     """True makes the start even from a good model (and says nothing of R), False never, and
-    "auto" from the far-off model only, saying why (3 frames; the start is stubbed here)."""
+    "auto" from the far-off model only, saying why (3 frames; the start is stubbed here).
+    Under "auto" a start made stops the first set-up after its search: one spread choice in
+    every case, a second search only where the start was judged."""
     calls = []
 
     def spy(crystal, dataset, opts, progress, far_off_r=np.nan):
@@ -139,6 +141,9 @@ def test_the_choice_is_kept(choice, model, made, far, truth, synthetic, monkeypa
                               far_off_r=far_off_r)  # fmt: skip
 
     monkeypatch.setattr(kinematic, "kinematic_start", spy)
+    counted = {"thickness_search": 0, "start_spread": 0}
+    for name in counted:
+        monkeypatch.setattr(prepare, name, _counting(getattr(prepare, name), name, counted))
     dataset = select_frames(synthetic, slice(0, None, 40))
     crystal = {"truth": truth, "far": far}[model]
     refinement = edkit.Refinement(
@@ -152,6 +157,16 @@ def test_the_choice_is_kept(choice, model, made, far, truth, synthetic, monkeypa
     elif made:
         assert calls[0] > FAR_OFF_R
         assert f"R_obs of {100 * calls[0]:.1f} %" in refinement.messages[0]
+    judged = choice == "auto" and made
+    assert counted == {"thickness_search": 2 if judged else 1, "start_spread": 1}
+
+
+def _counting(function, name, counted):
+    def counting(*args, **kwargs):
+        counted[name] += 1
+        return function(*args, **kwargs)
+
+    return counting
 
 
 def test_bad_uses_are_refused(far, synthetic) -> None:

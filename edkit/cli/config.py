@@ -163,6 +163,7 @@ def validate(args: argparse.Namespace) -> str:
     from edkit.io.cif import read_cif
     from edkit.io.pets import read_pets, select_frames
     from edkit.refine.estimate import estimate_time
+    from edkit.refine.kinematic import start_plan
     from edkit.refine.lm import n_free_parameters
     from edkit.refine.options import options_from
     from edkit.refine.prepare import plan_setup
@@ -203,6 +204,7 @@ def validate(args: argparse.Namespace) -> str:
         ),
         plan.describe(),
         estimate,
+        start_plan(options),
         "valid: edkit refine with the same flags would start",
     ]
     return "\n".join(lines)

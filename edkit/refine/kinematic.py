@@ -366,6 +366,34 @@ def far_off_r(search: xr.Dataset | None, opts: RefinementOptions) -> float | Non
     return mean if mean > FAR_OFF_R else None
 
 
+def start_plan(opts: RefinementOptions) -> str:
+    """What a refinement with these options does about the kinematical start, in words (for
+    ``edkit validate``, which runs no thickness search and so cannot judge the start)."""
+    if opts.kinematic_start is True:
+        return "kinematical start: made before the set-up (--kinematic-start)"
+    if opts.kinematic_start is False:
+        return "kinematical start: none (--no-kinematic-start)"
+    return (
+        f"kinematical start: made if the model fits the first thickness search at a mean "
+        f"per-frame R_obs above {100 * FAR_OFF_R:g} % (judged when refining)"
+    )
+
+
+@dataclass
+class FarOffJudge:
+    """``kinematic_start="auto"``'s gate, called with a refinement's first thickness search
+    (:func:`edkit.refine.prepare.prepare`'s ``stop_after_search``): True where the given model
+    fits it badly (:func:`far_off_r`), keeping that R in ``r_obs`` for the start's message."""
+
+    opts: RefinementOptions
+    r_obs: float = math.nan
+
+    def __call__(self, search: xr.Dataset) -> bool:
+        r_obs = far_off_r(search, self.opts)
+        self.r_obs = math.nan if r_obs is None else r_obs
+        return r_obs is not None
+
+
 def kinematic_start(
     crystal: Crystal,
     dataset: xr.Dataset,

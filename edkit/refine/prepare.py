@@ -9,6 +9,7 @@ loaded checkpoint alike, with a progress bar over these steps (and one over the 
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +94,8 @@ def prepare(
     initial_thickness: np.ndarray | None = None,
     *,
     progress: bool | None = None,
-) -> Prepared:
+    stop_after_search: Callable[[xr.Dataset], bool] | None = None,
+) -> Prepared | None:
     """Build everything fixed of a refinement (see the module docstring). Call under x64.
 
     Args:
@@ -103,13 +105,17 @@ def prepare(
       progress: progress bars (tqdm: stderr, or widgets in a notebook) over the steps and the
         search's frames, with elapsed time and ETA; None: where someone watches (an
         interactive terminal or a notebook, :func:`edkit.progress.wants_progress`).
+      stop_after_search: called with the thickness search's result; where it returns True the
+        preparation stops there and returns None. Why: a refinement that judges its start by
+        this search (``kinematic_start="auto"``) sets up again from another start when it fits
+        badly, and would throw the model, the problem and the spread choice away.
 
     Raises:
       EdkitError: nothing scored, a frame too large for the memory budget (before the
         thickness search), or a thickness model with non-finite output.
     """
     with progress_bar(4, "preparing: frame set-up", "step", progress) as bar:
-        return _prepare(crystal, dataset, opts, initial_thickness, bar, progress)
+        return _prepare(crystal, dataset, opts, initial_thickness, bar, progress, stop_after_search)
 
 
 #: What a refinement reads from a dataset (``edkit.read_pets`` gives all of them).
@@ -245,7 +251,8 @@ def _prepare(
     initial_thickness: np.ndarray | None,
     bar: Any,
     progress: bool | None,
-) -> Prepared:
+    stop_after_search: Callable[[xr.Dataset], bool] | None,
+) -> Prepared | None:
     def advance(next_step: str) -> None:
         bar.update()
         bar.set_description(f"preparing: {next_step}")
@@ -277,6 +284,8 @@ def _prepare(
         best = search["thickness_best"].values
         if not np.isfinite(best).any():
             raise EdkitError("the thickness search found no frame with observed reflections")
+        if stop_after_search is not None and stop_after_search(search):
+            return None
         # Frames without observations take the smoothness prior's path through them.
         initial_thickness = np.where(np.isfinite(best), best, search["thickness_trend"].values)
     initial = np.asarray(initial_thickness, dtype=np.float64)

@@ -125,12 +125,11 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
             check_observations(dataset)
             self.kinematic_start = kinematic.kinematic_start(crystal, dataset, opts, progress)
         start = self.kinematic_start
-        self._set_up(crystal if start is None else start.crystal, dataset, opts, None)
-        far_off_r = kinematic.far_off_r(self.thickness_search_result, opts)
-        if far_off_r is not None:  # "auto": the given model fits its own search badly
-            start = kinematic.kinematic_start(crystal, dataset, opts, progress, far_off_r)
+        far_off = kinematic.FarOffJudge(opts)  # "auto": stops the set-up after a bad search
+        if not self._set_up(crystal if start is None else start.crystal, dataset, opts, far_off):
+            start = kinematic.kinematic_start(crystal, dataset, opts, progress, far_off.r_obs)
             self.kinematic_start = start
-            self._set_up(start.crystal, dataset, opts, None)
+            self._set_up(start.crystal, dataset, opts)
         if self.kinematic_start is not None:
             self.messages.insert(0, self.kinematic_start.describe())
 
@@ -140,11 +139,18 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
         crystal: Crystal,
         dataset: xr.Dataset,
         options: RefinementOptions,
-        initial_thickness: np.ndarray | None,
-    ) -> None:
-        """Everything fixed, in one place for a new refinement and a loaded checkpoint."""
+        stop_after_search: Callable[[xr.Dataset], bool] | None = None,
+        initial_thickness: np.ndarray | None = None,
+    ) -> bool:
+        """Everything fixed, in one place for a new refinement and a loaded checkpoint. False
+        (nothing set up) where ``stop_after_search`` stopped it (:func:`prepare`)."""
         self.options, self.start_crystal, self.dataset = options, crystal, dataset
-        prepared = prepare(crystal, dataset, options, initial_thickness, progress=self.progress)
+        prepared = prepare(
+            crystal, dataset, options, initial_thickness, progress=self.progress,
+            stop_after_search=stop_after_search,
+        )  # fmt: skip
+        if prepared is None:
+            return False
         params = prepared.params
         for name, value in vars(prepared).items():
             if name != "params":
@@ -173,6 +179,7 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
         self._full_least_squares = None
         #: Why the last :meth:`run` or :meth:`refine_structure` stopped, in words.
         self.stop_reason = ""
+        return True
 
     # ------------------------------------------------------------------------------ state
     @property
@@ -400,29 +407,6 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
         True if it did (see :func:`edkit.refine.research.search_again`)."""
         return research.search_again(self, tolerance=tolerance, progress=progress)
 
-    def panel(self, run_steps: int = 20, **legacy: Any) -> Any:
-        """The dashboard of this refinement in Jupyter: ``edkit.widgets.Dashboard(self)``.
-
-        Tabs *Refine* (Step/Run/Stop, learning rates, live curves, the parameter table with
-        s.u.'s), *Thickness* (updated after every step) and *Frames* (measured against
-        simulated spots). The panel's ``step()``, ``run()``, ``stop()``, ``wait()`` are the
-        dashboard's. ``run_steps``: the Run button's number of steps. Needs the ``jupyter``
-        extra. (The one import from this layer upward, lazily: see pyproject's import-linter.)
-        """
-        if "thickness_view" in legacy:
-            legacy.pop("thickness_view")
-            warnings.warn(
-                "Refinement.panel(thickness_view=...) is ignored: the dashboard always shows "
-                "the thickness in its own tab",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-        if legacy:
-            raise TypeError(f"Refinement.panel() got unexpected options {sorted(legacy)}")
-        from edkit.widgets.dashboard import Dashboard  # lazily: the jupyter extra is optional
-
-        return Dashboard(self, run_steps=run_steps)
-
     # ------------------------------------------------------------------------------ results
     @property
     def model(self) -> HybridModel:
@@ -445,6 +429,6 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
         crystal, dataset, options, config, arrays = checkpoint.read(Path(path))
         self = cls.__new__(cls)
         with jax.enable_x64(True):
-            self._set_up(crystal, dataset, options, np.asarray(config["initial_thickness"]))
+            self._set_up(crystal, dataset, options, None, np.asarray(config["initial_thickness"]))
             checkpoint.restore(self, config, arrays, Path(path))
         return self

@@ -1,7 +1,9 @@
 """What a :class:`~edkit.refine.refinement.Refinement` shows of its current state: the
 history, the refined crystal, the thickness (per frame and as a map), the predicted intensities,
-observed against calculated, and the figures of merit. Read-only views; nothing here steps."""
+observed against calculated, the figures of merit, and the dashboard (:meth:`~RefinementViews.
+panel`). Read-only views; nothing here steps."""
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +183,26 @@ class RefinementViews:
             "over Klar-scored reflections; r_obs_mean_frame: diffBloch mean per-frame R_obs; "
             "gof_ref: over every scored reflection, N_par = n_parameters_all",
         }
+
+    def panel(self: Any, run_steps: int = 20, **legacy: Any) -> Any:
+        """The dashboard of this refinement in Jupyter: ``edkit.widgets.Dashboard(self)``.
+
+        Tabs *Refine* (Step/Run/Stop, learning rates, live curves, the parameter table with
+        s.u.'s), *Thickness* (updated after every step) and *Frames* (measured against
+        simulated spots). The panel's ``step()``, ``run()``, ``stop()``, ``wait()`` are the
+        dashboard's. ``run_steps``: the Run button's number of steps. Needs the ``jupyter``
+        extra. (The one import from this layer upward, lazily: see pyproject's import-linter.)
+        """
+        if "thickness_view" in legacy:
+            legacy.pop("thickness_view")
+            warnings.warn(
+                "Refinement.panel(thickness_view=...) is ignored: the dashboard always shows "
+                "the thickness in its own tab",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        if legacy:
+            raise TypeError(f"Refinement.panel() got unexpected options {sorted(legacy)}")
+        from edkit.widgets.dashboard import Dashboard  # lazily: the jupyter extra is optional
+
+        return Dashboard(self, run_steps=run_steps)
