@@ -71,6 +71,8 @@ def test_refine_report(run, files) -> None:
     else:  # Jana's GoF divides by N_obs − N_par: undefined, written as JSON null
         assert report["gof"] is None
     assert report["structure"] == str(files["structure"])
+    # the start spread the refinement chose, with the losses it chose by (it shapes the result)
+    assert any(s.startswith("start thickness spread σ/μ = ") for s in report["stages"])
     # the refinement does not end worse than it started in the figure it minimises (Jana wR;
     # R_obs may rise: 7 scored reflections for 14 structural parameters)
     with xr.open_dataset(out / "refinement.nc", group="history", engine="h5netcdf") as history:

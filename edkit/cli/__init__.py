@@ -92,13 +92,14 @@ def _refine(args: argparse.Namespace) -> tuple[dict, Path]:
     if hands is not None:
         report["absolute_structure"] = hands.as_dict()
     report["seconds"] = round(prior + time.perf_counter() - started, 1)
-    # How each stage ended (converged, step limit, least squares' shift/s.u.), in words.
+    # How each stage began or ended (the start, the start spread chosen, converged, step limit,
+    # least squares' shift/s.u.), in words.
     report["stages"] = [
         m
         for m in refinement.messages
         if "converge" in m
         or "Levenberg" in m
-        or m.startswith(("thickness search", "kinematical start"))
+        or m.startswith(("thickness search", "kinematical start", "start thickness spread"))
     ]
     report["structure"], report["data"] = run.get("structure"), run.get("data")
     report["divergences"] = sum(
