@@ -429,6 +429,7 @@ class Refinement(StructureLeastSquaresMixin, RefinementViews):
         crystal, dataset, options, config, arrays = checkpoint.read(Path(path))
         self = cls.__new__(cls)
         with jax.enable_x64(True):
-            self._set_up(crystal, dataset, options, None, np.asarray(config["initial_thickness"]))
+            thickness = np.asarray(config["initial_thickness"])
+            self._set_up(crystal, dataset, options, initial_thickness=thickness)
             checkpoint.restore(self, config, arrays, Path(path))
         return self
