@@ -6,6 +6,7 @@ import json
 import os
 import textwrap
 
+import pytest
 from conftest import run_python
 
 from edkit import cores
@@ -125,6 +126,7 @@ SHARDED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 52 s in CI (2026-12-06): keeps the default test run under 10 minutes
 def test_sharded_search_frames_and_steps_give_the_single_device_results() -> None:
     """In a fresh process with edkit's default devices (two forced if this machine has one
     core): the search, simulated frames and refinement steps equal one device's; the planner

@@ -103,6 +103,7 @@ def test_a_far_start_finds_every_frames_thickness(far, truth, synthetic, data_di
     assert deviation.max() < 0.10
 
 
+@pytest.mark.slow  # 33 s in CI (2026-12-06); test_the_choice_is_kept covers "auto" in the fast run
 def test_a_far_off_model_gets_the_start_by_default(far, truth, synthetic) -> None:
     """``kinematic_start="auto"`` (the default): from the far-off model the refinement's search
     fits at a mean R_obs above FAR_OFF_R (11 frames: 48 %), so the start is made and the
