@@ -195,7 +195,7 @@ def main() -> None:
         choices=("auto", "on", "off"),
         help="fit the positions kinematically and choose an overall U first (kinematic_start): "
         "auto (edkit's default since 2026-12-06: where the start fits the thickness search at "
-        "R_obs above 30 %%), on (the bare flag), off (the default before)",
+        "R_obs above 17 %%), on (the bare flag), off (the default before)",
     )
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args()

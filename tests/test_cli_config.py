@@ -82,6 +82,8 @@ def test_config_values_apply_and_flags_win(tmp_path, files) -> None:
     assert options["kinematic_start"] is False
     flagged = parser.parse_args(["refine", "--restrain", "SIMU", "--restrain", "RIGU 0.01"])
     assert options_of(flagged)["restraints"] == ("SIMU", "RIGU 0.01")
+    assert "riding_uiso" not in options  # the default (riding Uiso) is left to Refinement
+    assert options_of(parser.parse_args(["refine", "--fixed-h-uiso"]))["riding_uiso"] is False
     assert args.every == 33 and args.structure == str(files["structure"])
 
 

@@ -127,13 +127,18 @@ def test_a_far_off_model_gets_the_start_by_default(far, truth, synthetic) -> Non
 
 @pytest.mark.parametrize(
     ("choice", "model", "made"),
-    [(True, "truth", True), ("auto", "truth", False), ("auto", "far", True), (False, "far", False)],
+    [(True, "good", True), ("auto", "good", False), ("auto", "far", True), (False, "far", False)],
 )
-def test_the_choice_is_kept(choice, model, made, far, truth, synthetic, monkeypatch) -> None:
+def test_the_choice_is_kept(
+    choice, model, made, far, quartz_crystal, quartz_frames, monkeypatch
+) -> None:
     """True makes the start even from a good model (and says nothing of R), False never, and
-    "auto" from the far-off model only, saying why (3 frames; the start is stubbed here).
-    Under "auto" a start made stops the first set-up after its search: one spread choice in
-    every case, a second search only where the start was judged."""
+    "auto" from the far-off model only, saying why: 3 frames of the real quartz, where
+    quartz.cif fits the first search at a mean R_obs of 1.9 % and quartz_displaced_03.cif at
+    41 % (measured 2026-12-06); the start is stubbed here. Under "auto" a start made stops the
+    first set-up after its search: one spread choice in every case, a second search only where
+    the start was judged. (The paper's synthetic frames are no good model's test at these
+    settings: the truth fits 3 of them at 20.5 %, above FAR_OFF_R.)"""
     calls = []
 
     def spy(crystal, dataset, opts, progress, far_off_r=np.nan):
@@ -145,8 +150,8 @@ def test_the_choice_is_kept(choice, model, made, far, truth, synthetic, monkeypa
     counted = {"thickness_search": 0, "start_spread": 0}
     for name in counted:
         monkeypatch.setattr(prepare, name, _counting(getattr(prepare, name), name, counted))
-    dataset = select_frames(synthetic, slice(0, None, 40))
-    crystal = {"truth": truth, "far": far}[model]
+    dataset = select_frames(quartz_frames, slice(0, None, 40))
+    crystal = {"good": quartz_crystal, "far": far}[model]
     refinement = edkit.Refinement(
         crystal, dataset, kinematic_start=choice, progress=False, n_sub=3, g_max=1.0
     )
@@ -189,10 +194,26 @@ def test_far_off_r_judges_the_first_search_only_under_auto() -> None:
     search = xr.Dataset({"r_obs_best": ("frame", [0.5, np.nan, 0.2])})
     auto = options_from()
     assert far_off_r(search, auto) == pytest.approx(0.35)
-    assert far_off_r(search.assign(r_obs_best=("frame", [0.3, 0.2, 0.1])), auto) is None
+    assert far_off_r(search.assign(r_obs_best=("frame", [0.2, 0.15, 0.1])), auto) is None
     assert far_off_r(search.assign(r_obs_best=("frame", [np.nan] * 3)), auto) is None
     assert far_off_r(None, auto) is None  # the thickness was given: no search
     for choice in (True, False):
         assert far_off_r(search, options_from(kinematic_start=choice)) is None
     fields = {f.name: f for f in dataclasses.fields(RefinementOptions)}
     assert f"({100 * FAR_OFF_R:g} %)" in fields["kinematic_start"].metadata["help"]
+
+
+def test_the_overall_u_spares_fixed_hydrogen_uiso(data_dir) -> None:
+    """The start's overall U reaches every atom, but the riding H whose Uiso the options fix
+    (--fixed-h-uiso): they keep the model's (glycine: 0.0196 and 0.0183 Å²)."""
+    glycine = read_cif(data_dir / "structures" / "glycine.cif")
+    hydrogen = np.array([e == "H" for e in glycine.elements])
+    riding = kinematic._with_overall_u(glycine, 0.009, options_from())
+    np.testing.assert_allclose(riding.u_iso_equivalent, 0.009, rtol=1e-9)
+    fixed = kinematic._with_overall_u(glycine, 0.009, options_from(riding_uiso=False))
+    np.testing.assert_allclose(fixed.u_iso_equivalent[~hydrogen], 0.009, rtol=1e-9)
+    np.testing.assert_array_equal(fixed.u_cif[hydrogen], glycine.u_cif[hydrogen])
+    assert np.all(glycine.u_iso_equivalent[hydrogen] > 0.018)
+    for crystal, says in ((riding, "every atom isotropic"), (fixed, "but the riding H")):
+        start = KinematicStart(crystal, np.zeros(10), (0.5, 0.5), 0.009, {}, 0.1, (0.2,))
+        assert says in start.describe()

@@ -5,7 +5,7 @@ is the full table).
 The shared ``quartz_synthetic.cif_pets`` was made by the paper's PyTorch code from
 ``quartz_kinematical.cif``. ``Refinement.fit()`` (the default recipe: Adam until converged, the
 thickness search again from the refined structure, LM; before it, where the start fits its first
-thickness search at a mean R_obs above 30 %, the kinematical start) must end within 0.005 Å
+thickness search at a mean R_obs above 17 %, the kinematical start) must end within 0.005 Å
 RMS of the true positions and 0.002 Å² of every true Ueq, on every 10th frame (10 frames), from
 
 - ``quartz_displaced_02.cif`` (0.16 Å RMS from the truth, ADPs reset) on the file itself
@@ -18,7 +18,7 @@ RMS of the true positions and 0.002 Å² of every true Ueq, on every 10th frame 
   From ``_02`` without it (``kinematic_start=False``, the default before 2026-12-06): the first
   thickness search, made with the displaced structure, lands in wrong Pendellösung minima at
   these 1300–2000 Å and the search from the refined structure finds them again (the restarts'
-  path, which the default takes where a start fits its search below 30 % yet is off).
+  path, which the default takes where a start fits its search below 17 % yet is off).
 """
 
 import numpy as np

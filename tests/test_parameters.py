@@ -186,6 +186,15 @@ def test_riding_hydrogen_uiso_follows_its_parent(data_dir) -> None:
         assert ueq[h] == pytest.approx(k * ueq[parent], rel=1e-9)
     free = structure_mapping(glycine, riding=False)  # no riding: the file's Uiso stay
     assert not np.any(free.riding_u_factor)
+    # --fixed-h-uiso: the H still ride (position), but keep the file's Uiso as C2 moves
+    fixed = structure_mapping(glycine, riding_uiso=False)
+    assert not np.any(fixed.riding_u_factor)
+    np.testing.assert_array_equal(fixed.riding_parent, mapping.riding_parent)
+    held = fixed.crystal(glycine, np.zeros((glycine.n_asu, 3)), adp, np.zeros(glycine.n_asu))
+    assert held.u_iso_equivalent[labels.index("C2")] == pytest.approx(ueq["C2"], rel=1e-12)
+    for h in ("H1", "H2", "H3"):
+        i = labels.index(h)
+        assert held.u_iso_equivalent[i] == pytest.approx(glycine.u_iso_equivalent[i], rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,13 +145,17 @@ def _matrix(v: jax.Array) -> jax.Array:
     )
 
 
-def structure_mapping(crystal: Crystal, *, riding: bool = True) -> StructureMapping:
+def structure_mapping(
+    crystal: Crystal, *, riding: bool = True, riding_uiso: bool = True
+) -> StructureMapping:
     """Build the :class:`StructureMapping` of ``crystal``.
 
     Args:
       crystal: the starting structure.
-      riding: hydrogens ride on their parent atom: position, and for an isotropic H its
-        Uiso (1.2 or 1.5 × the parent's Ueq, see the module docstring).
+      riding: hydrogens ride on their parent atom: position, and (``riding_uiso``) for an
+        isotropic H its Uiso.
+      riding_uiso: a riding isotropic H's Uiso is 1.2 or 1.5 × the parent's Ueq (see the
+        module docstring); False: the crystal's own Uiso, fixed (SHELX's fixed-Uiso AFIX).
     """
     n = crystal.n_asu
     real = np.asarray(crystal.real_basis)
@@ -171,7 +175,7 @@ def structure_mapping(crystal: Crystal, *, riding: bool = True) -> StructureMapp
                 riding_rotation[i] = np.asarray(crystal.rotations)[links_op[i]]
     iso_direction = adp_vector(Crystal.u_cif_from_iso(crystal.cell, np.ones(1)))[0]
     riding_u_factor = np.zeros(n)
-    for h in np.flatnonzero((parent >= 0) & ~np.asarray(crystal.anisotropic)):
+    for h in np.flatnonzero((parent >= 0) & ~np.asarray(crystal.anisotropic) & riding_uiso):
         group = crystal.elements[parent[h]] == "O" or np.sum(parent == parent[h]) >= 3
         riding_u_factor[h] = RIDING_U_FACTOR_GROUP if group else RIDING_U_FACTOR
     for i in range(n):
@@ -179,7 +183,7 @@ def structure_mapping(crystal: Crystal, *, riding: bool = True) -> StructureMapp
             cartesian = real.T @ position_projectors[i]  # allowed shifts as Cartesian columns
             position_basis[i] = to_fract @ _orthonormal_columns(cartesian)
         if parent[i] >= 0:
-            continue  # riding H: position follows the parent, Uiso the parent's Ueq
+            continue  # riding H: position follows the parent, Uiso the parent's Ueq (or fixed)
         if crystal.anisotropic[i]:
             adp_basis[i] = _orthonormal_columns(adp_projectors[i])
         else:

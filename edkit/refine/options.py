@@ -108,7 +108,7 @@ class RefinementOptions:
         help="from a far-off model: fit the positions to |F|² and choose one overall U by the "
         "thickness search before anything else (edkit.refine.kinematic); auto: only where the "
         "given model's thickness search fits at a mean per-frame R_obs above "
-        "edkit.refine.kinematic.FAR_OFF_R (30 %)"))
+        "edkit.refine.kinematic.FAR_OFF_R (17 %)"))
     tilt_weights: tuple[float, ...] | None = field(default=None, metadata=_meta(
         cli=None, units="1", none="uniform (each sub-orientation its slice of the rocking range)",
         help="relative weights of a frame's n_sub sub-orientations, shared by every frame "
@@ -146,6 +146,10 @@ class RefinementOptions:
         "'SIMU', 'RIGU' (edkit.refine.restraints; repeat the flag for several)"))
     riding: bool = field(default=True, metadata=_meta(
         cli=None, help="riding constraints (hydrogen atoms on their parents)"))
+    riding_uiso: bool = field(default=True, metadata=_meta(
+        cli="--fixed-h-uiso", flag=False,
+        help="a riding isotropic H's Uiso is 1.2 × its parent's Ueq (1.5 for OH and groups of "
+        "three H) as the parent refines; False (--fixed-h-uiso): the model's own Uiso, fixed"))
     divergence_factor: float = field(default=3.0, metadata=_meta(
         cli=None, units="1", help="a loss this many times the best one counts as divergence"))
     precision: Precision = field(default="auto", metadata=_meta(
@@ -302,6 +306,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
         "a tuple of restraint instructions such as 'DFIX 1.09 C2 H1'",
     ),
     "riding": (lambda v: isinstance(v, bool), "True or False"),
+    "riding_uiso": (lambda v: isinstance(v, bool), "True or False"),
     "divergence_factor": (lambda v: _is_real(v) and v > 1, "a factor > 1"),
     "devices": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer ≥ 1 or None"),
     "remat": (

@@ -233,7 +233,7 @@ def plan_setup(
             f"no reflection of {dataset.attrs.get('source_file', 'the dataset')} is "
             "scored (Klar selection); check g_max, the orientation matrix and the cell"
         )
-    mapping = structure_mapping(crystal, riding=opts.riding)
+    mapping = structure_mapping(crystal, riding=opts.riding, riding_uiso=opts.riding_uiso)
     plan = plan_memory(
         setup, n_t=2, precision=opts.precision, remat=opts.remat,
         chunk_frames=opts.chunk_frames, batch_size=opts.batch_size,
