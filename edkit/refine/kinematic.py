@@ -38,10 +38,9 @@ Measured on the paper's synthetic quartz from ``quartz_displaced_03.cif``: on al
 positions go from 0.31 and 0.26 Å off the truth to 0.006 and 0.018 Å, and the search's
 thickness is then within 10 % of quartz.cif's on every frame (at most 8.3 %; none before), in
 28 s. A start that is already a kinematical refinement gains nothing (the fit moves it by the
-kinematical bias, ≈ 0.02 Å): the start is for far-off models, and by default
-(``kinematic_start="auto"``) a refinement makes it only where the given model fits its first
-thickness search at a mean per-frame R_obs above :data:`FAR_OFF_R` (:func:`far_off_r`), then
-sets up again from it.
+kinematical bias, ≈ 0.02 Å). By default (``kinematic_start="auto"``) a refinement makes the
+start only where the given model fits its first thickness search at a mean per-frame R_obs
+above :data:`FAR_OFF_R` (:func:`far_off_r`), then sets up again from it.
 """
 
 import math
@@ -93,13 +92,9 @@ SEARCH_FRAMES = 8
 #: The position fit's isotropic U of each atom lies in [0, U_MAX], Å².
 U_MAX = 0.2
 #: ``kinematic_start="auto"`` (the default) makes the start where the given model's thickness
-#: search fits at a mean per-frame R_obs above this. Why 17 %: measured with the default search,
-#: refined or kinematical models fit at 6.8–7.6 % (real quartz), 15–16 % (the paper's synthetic
-#: quartz, whose generator's numerics no edkit model fits better than 13 %) and 11.9–12.7 %
-#: (albite); the paper's far-off starts at 18.5–27.7 % (``_01``), 43.5 % (``_02``) and 54–62 %
-#: (``_03``). Forced, the start paid at 18.8 % (real quartz from ``_01``: 3.72 % against 5.06 %)
-#: and 26 % (glycine's published model: 10.12 % against 10.29 %, in half the steps) and changed
-#: nothing on albite (README, *Thickness search*); 30 % until those runs (2026-12-06).
+#: search fits at a mean per-frame R_obs above this: between the good models measured (real
+#: quartz 6.8–7.6 %, albite 11.9–12.7 %, the paper's synthetic file 15–16 %) and the nearest
+#: far-off start (``_01``, 18.5 %); forced, the start paid at 18.8 % and 26 % (README).
 FAR_OFF_R = 0.17
 
 
@@ -127,8 +122,7 @@ class KinematicStart:
     start_adp_r: float
     candidate_r: tuple[float, ...] = ()
     given_r: float = math.nan
-    #: With ``kinematic_start="auto"``: the given model's mean per-frame R_obs in the
-    #: refinement's thickness search, which made the start (NaN: asked for).
+    #: "auto": the given model's mean R_obs in the first search, which made it (NaN: asked for).
     far_off_r: float = math.nan
 
     def describe(self) -> str:
